@@ -1,0 +1,199 @@
+"""The MQTT side: a paho-mqtt 2.x client behind a small interface.
+
+Callbacks run on paho's network thread: they catch everything (an exception there kills the thread) and only
+hand work over. Commands are acknowledged by hand (`manual_ack`) once their result is safely out.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edged.config import Config
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Inbound:
+    """A message as received, with what is needed to answer and acknowledge it."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    response_topic: str | None
+    correlation_data: bytes | None
+    received: float
+    dup: bool = False
+
+
+class MqttBus:
+    def __init__(self, config: Config, on_message: Callable[[Inbound], None]) -> None:
+        self.config = config
+        self._on_inbound = on_message
+        self.connected = threading.Event()
+        self._v5 = config.mqtt.protocol == "v5"
+        self.status_topic = config.topic("status")
+        self.cmd_topic = config.topic("cmd")
+        self.result_topic = config.topic("result")
+        self.telemetry_topic = config.topic("telemetry")
+        self.shared_topic = (
+            f"$share/{config.mqtt.shared_group}/{config.mqtt.prefix}/pool/cmd" if config.mqtt.shared_group else None
+        )
+        self.online_payload: Callable[[], dict[str, Any]] = lambda: {"state": "online"}
+        self.connects = 0
+        self._client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.config.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else False,
+            manual_ack=True,
+            reconnect_on_failure=True,
+        )
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min_s)), max_delay=round(cfg.reconnect_max_s))
+        password = cfg.resolved_password()
+        if cfg.username:
+            client.username_pw_set(cfg.username, password.get_secret_value() if password else None)
+        if cfg.tls:
+            context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+            if cfg.cert_file:
+                context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None)
+            client.tls_set_context(context)
+        will_props = None
+        if self._v5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.ContentType = "application/json"
+        client.will_set(
+            self.status_topic,
+            json.dumps({"state": "offline", "device": self.config.device.id}),
+            qos=1,
+            retain=True,
+            properties=will_props,
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config.mqtt
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry_s
+        self._client.connect_async(
+            cfg.host,
+            cfg.port,
+            keepalive=cfg.keepalive_s,
+            clean_start=False if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+        self._client.loop_start()
+
+    def stop(self, final_status: dict[str, Any], timeout: float = 5.0) -> None:
+        """Publish the final retained status, then disconnect cleanly (no Last Will)."""
+        if self.connected.is_set():
+            info = self.publish_json(self.status_topic, final_status, retain=True)
+            try:
+                if not self.wait_published(info, timeout):
+                    log.warning("final_status_not_sent")
+            except ValueError:
+                log.warning("final_status_not_sent")
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = self.config.mqtt.session_expiry_s
+        self._client.disconnect(properties=props)
+        self._client.loop_stop()
+
+    # -- callbacks (paho network thread: never raise) ---------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        try:
+            if reason.is_failure:
+                log.warning("mqtt_connect_refused", reason=str(reason))
+                return
+            self.connects += 1
+            names = [self.cmd_topic] + ([self.shared_topic] if self.shared_topic else [])
+            if self._v5:
+                client.subscribe([(name, SubscribeOptions(qos=1)) for name in names])
+            else:
+                client.subscribe([(name, 1) for name in names])
+            self.publish_json(self.status_topic, self.online_payload(), retain=True)
+            self.connected.set()
+            log.info("mqtt_connected", host=self.config.mqtt.host, port=self.config.mqtt.port,
+                     session_present=bool(getattr(flags, "session_present", False)), topics=names)
+        except Exception:
+            log.exception("on_connect_failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connected.clear()
+        log.warning("mqtt_disconnected", reason=str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            response_topic = correlation = None
+            if self._v5 and msg.properties is not None:
+                response_topic = getattr(msg.properties, "ResponseTopic", None)
+                correlation = getattr(msg.properties, "CorrelationData", None)
+            inbound = Inbound(
+                topic=msg.topic, payload=bytes(msg.payload), mid=msg.mid, qos=msg.qos,
+                response_topic=response_topic or None, correlation_data=correlation,
+                received=msg.timestamp, dup=bool(msg.dup),
+            )
+            self._on_inbound(inbound)
+        except Exception:
+            log.exception("on_message_failed", topic=getattr(msg, "topic", None))
+
+    # -- publishing ---------------------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                correlation_data: bytes | None = None) -> mqtt.MQTTMessageInfo:
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def publish_json(self, topic: str, obj: dict[str, Any], *, retain: bool = False,
+                     qos: int = 1) -> mqtt.MQTTMessageInfo:
+        return self.publish(topic, json.dumps(obj, default=str).encode(), qos=qos, retain=retain)
+
+    @staticmethod
+    def wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+        """True once the broker has acknowledged `info` (QoS 1 PUBACK).
+
+        paho's own wait_for_publish raises for a message published while disconnected, although paho keeps it
+        and sends it after reconnecting; this waits for that instead. Raises ValueError if paho dropped it.
+        """
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise ValueError("outgoing queue full: message dropped")
+        with info._condition:
+            if not info._published:
+                info._condition.wait(timeout)
+            return bool(info._published)
+
+    def ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self._client.ack(mid, qos)

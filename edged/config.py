@@ -1,0 +1,270 @@
+"""Configuration: one TOML file, environment overrides, secrets from files.
+
+Every setting is a pydantic field with a description and bounds, and unknown keys are errors, so a typo in a
+fleet-wide config is caught by `edged check-config` before it reaches a device instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
+ENV_PREFIX = "EDGED_"
+
+
+def _default_state_dir() -> Path:
+    """systemd's StateDirectory= when run as a service, else a per-user directory."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edged"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DeviceConfig(_Section):
+    id: str = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0] or "edged",
+        description="Device id: the MQTT topic level under the prefix; defaults to the hostname.",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
+
+
+class MqttConfig(_Section):
+    host: str = Field("localhost", description="Broker host name or address.", min_length=1)
+    port: int = Field(1883, description="Broker TCP port.", ge=1, le=65535)
+    prefix: str = Field(
+        "edged", description="First topic level of every edged topic.", min_length=1, pattern=r"^[^/+#]+$"
+    )
+    protocol: Literal["v5", "v311"] = Field("v5", description="MQTT protocol version.")
+    client_id: str | None = Field(
+        None, description="Stable client id; defaults to 'edged-<device id>'.", min_length=1, max_length=128
+    )
+    keepalive_s: int = Field(30, description="Keep-alive interval in seconds.", ge=5, le=3600)
+    session_expiry_s: int = Field(
+        86400,
+        description="MQTT v5 Session Expiry Interval: how long the broker keeps our queued commands offline.",
+        ge=0,
+        le=2**32 - 1,
+    )
+    reconnect_min_s: float = Field(1.0, description="First reconnect delay.", gt=0, le=60)
+    reconnect_max_s: float = Field(60.0, description="Largest reconnect delay (exponential backoff).", gt=0, le=3600)
+    username: str | None = Field(None, description="Broker user name.")
+    password: SecretStr | None = Field(None, description="Broker password (prefer password_file).")
+    password_file: Path | None = Field(
+        None,
+        description="File holding the broker password; default $CREDENTIALS_DIRECTORY/mqtt_password if present.",
+    )
+    tls: bool = Field(False, description="Connect with TLS.")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate.")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client private key for mutual TLS.")
+    shared_group: str | None = Field(
+        None,
+        description="Also serve '$share/<group>/<prefix>/pool/cmd' so several devices split one workload.",
+        pattern=r"^[^/+#]+$",
+    )
+    max_payload_bytes: int = Field(
+        65536, description="Commands larger than this are refused with 'payload_too_large'.", ge=256, le=16 << 20
+    )
+
+    def resolved_password(self) -> SecretStr | None:
+        """The password from password_file, $CREDENTIALS_DIRECTORY, or the inline value, in that order."""
+        candidates: list[Path] = []
+        if self.password_file:
+            candidates.append(self.password_file)
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir:
+            candidates.append(Path(cred_dir) / "mqtt_password")
+        for path in candidates:
+            if path.is_file():
+                return SecretStr(path.read_text(encoding="utf-8").strip())
+        if self.password_file:
+            raise ConfigError([f"mqtt.password_file: {self.password_file} does not exist"])
+        return self.password
+
+
+class ModelsConfig(_Section):
+    dir: Path | None = Field(
+        None, description="Where GGUF files live; default $EDGED_MODELS_DIR or <state dir>/models."
+    )
+    router: str | None = Field(
+        "gemma3-270m-q4km",
+        description="Tier-1 router: a manifest name or a path to a .gguf file; empty to run without it.",
+    )
+    thinker: str | None = Field(
+        None, description="Tier-2 thinker: a manifest name or a path to a .gguf file; empty to run without it."
+    )
+    n_threads: int = Field(0, description="llama.cpp threads; 0 = physical cores.", ge=0, le=256)
+    n_ctx: int = Field(2048, description="Context length of each loaded model.", ge=256, le=131072)
+    n_gpu_layers: int = Field(0, description="Layers offloaded to a GPU (needs a CUDA/Vulkan build).", ge=-1, le=1000)
+    verify: bool = Field(True, description="Check each file's sha256 (cached by size and mtime) before loading.")
+
+    @field_validator("router", "thinker", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", "none") else value
+
+
+class RemoteConfig(_Section):
+    url: str | None = Field(
+        None, description="Tier-3 OpenAI-compatible base URL, e.g. http://node:11434/v1; empty = no tier 3."
+    )
+    model: str = Field("qwen3:4b", description="Model name sent to the remote node.", min_length=1)
+    api_key_file: Path | None = Field(None, description="File holding the bearer token for the remote node.")
+    timeout_s: float = Field(30.0, description="Timeout of one remote request.", gt=0, le=600)
+    on_offline: Literal["fallback", "queue"] = Field(
+        "fallback", description="What to do with a tier-3 request while the node is unreachable."
+    )
+
+
+class TelemetryConfig(_Section):
+    interval_s: float = Field(30.0, description="Seconds between telemetry messages.", ge=0.5, le=86400)
+
+
+class LimitsConfig(_Section):
+    queue_size: int = Field(64, description="Commands waiting for a worker; beyond it, 'busy'.", ge=1, le=100000)
+    deadline_ms: int = Field(30000, description="Default per-request deadline.", ge=10, le=3600_000)
+    shutdown_grace_s: float = Field(10.0, description="Time to finish in-flight commands on SIGTERM.", ge=0, le=600)
+    answered_cache: int = Field(
+        10000, description="Recently answered ids kept to answer redeliveries without re-running.", ge=0, le=10**7
+    )
+    retry_after_ms: int = Field(1000, description="Retry hint sent with a 'busy' result.", ge=0, le=3600_000)
+
+
+class ToolsConfig(_Section):
+    allow: list[str] | None = Field(
+        None, description="Names of the tools this device may run; unset = every registered tool."
+    )
+    contacts_file: Path | None = Field(
+        None, description="JSON list of contacts for search_contacts; default a small built-in list."
+    )
+    timeout_s: float = Field(5.0, description="Default timeout of one tool call.", gt=0, le=600)
+
+
+class StateConfig(_Section):
+    dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Writable state: answered-id store, outbox, models by default.",
+    )
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="'auto' renders for a terminal, JSON otherwise."
+    )
+
+
+class Config(_Section):
+    device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Local GGUF models.")
+    remote: RemoteConfig = Field(default_factory=RemoteConfig, description="Tier-3 remote node.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Queues, deadlines, shutdown.")
+    tools: ToolsConfig = Field(default_factory=ToolsConfig, description="Tools.")
+    state: StateConfig = Field(default_factory=StateConfig, description="State directory.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edged-{self.device.id}"
+
+    @property
+    def models_dir(self) -> Path:
+        if self.models.dir:
+            return self.models.dir
+        if os.environ.get("EDGED_MODELS_DIR"):
+            return Path(os.environ["EDGED_MODELS_DIR"])
+        return self.state.dir / "models"
+
+    def topic(self, leaf: str) -> str:
+        return f"{self.mqtt.prefix}/{self.device.id}/{leaf}"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `errors` holds one 'location: message' line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """EDGED_<SECTION>__<KEY>=value pairs as a nested dict; JSON values (lists, numbers) are parsed."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def format_validation_error(err: ValidationError, source: str) -> list[str]:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"])
+        lines.append(f"{source}: {loc}: {item['msg']}")
+    return lines
+
+
+def load_config(
+    path: Path | None = None, environ: Mapping[str, str] | None = None, *, required: bool = False
+) -> Config:
+    """Read the TOML file (if any), overlay EDGED_* environment variables and validate.
+
+    A missing file at the default path means "run on defaults"; a missing file named explicitly is an error.
+    """
+    environ = os.environ if environ is None else environ
+    source = str(path or DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    file_path = path or DEFAULT_CONFIG_PATH
+    if file_path.exists():
+        try:
+            data = tomllib.loads(file_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{source}: cannot read: {exc}"]) from exc
+    elif path is not None or required:
+        raise ConfigError([f"{source}: no such file"])
+    data = _merge(data, _env_overrides(environ))
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from exc
+    try:
+        config.mqtt.resolved_password()
+    except ConfigError as exc:
+        raise ConfigError([f"{source}: {line}" for line in exc.errors]) from exc
+    return config

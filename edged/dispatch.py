@@ -1,0 +1,185 @@
+"""Admission and workers: a bounded queue between the MQTT network thread and the threads that do the work.
+
+The order for every command is: execute, store the result, publish it, wait for the broker's PUBACK, mark it
+published, and only then acknowledge the command. A crash anywhere before the ack means the broker redelivers it,
+and the answered store turns the redelivery into a republish (or nothing), never a second execution.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from edged.answered import AnsweredStore
+from edged.bus import Inbound, MqttBus
+from edged.pipeline import Pipeline
+from edged.protocol import Command, DecodeError, ErrorCode, Result, decode_command
+from edged.telemetry import Metrics
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Work:
+    inbound: Inbound
+    command: Command | None
+    error: DecodeError | None
+    generation: int
+
+
+class Dispatcher:
+    def __init__(self, bus: MqttBus, pipeline: Pipeline, store: AnsweredStore, metrics: Metrics, *,
+                 queue_size: int, max_payload: int, retry_after_ms: int, workers: int = 2) -> None:
+        self.bus = bus
+        self.pipeline = pipeline
+        self.store = store
+        self.metrics = metrics
+        self.max_payload = max_payload
+        self.retry_after_ms = retry_after_ms
+        self.queue: queue.Queue[Work] = queue.Queue(maxsize=queue_size)
+        self.accepting = threading.Event()
+        self.accepting.set()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True) for i in range(workers)]
+        # per worker: monotonic time its current request must be done by (None when idle); the watchdog reads it
+        self.busy_until: dict[str, float | None] = {t.name: None for t in self._threads}
+
+    # -- network thread -----------------------------------------------------------------------------------------
+
+    def on_inbound(self, inbound: Inbound) -> None:
+        """Decode and enqueue; never blocks. Past the queue's bound, answer 'busy' at once."""
+        if not self.accepting.is_set():
+            return  # shutting down: left unacknowledged, the broker redelivers it after the restart
+        inbound.received = time.monotonic()
+        try:
+            work = Work(inbound, decode_command(inbound.payload, self.max_payload), None, self.bus.connects)
+        except DecodeError as exc:
+            work = Work(inbound, None, exc, self.bus.connects)
+        try:
+            self.queue.put_nowait(work)
+        except queue.Full:
+            cid = work.command.id if work.command else (work.error.command_id if work.error else None)
+            result = Result(id=cid, status="busy", retry_after_ms=self.retry_after_ms,
+                            device=self.pipeline.device_id)
+            topic, corr = self._address(work)
+            if topic is not None:
+                self.bus.publish(topic, result.to_json(), correlation_data=corr)
+            self.bus.ack(inbound.mid, inbound.qos)
+            self.metrics.record("busy", None, 0.0)
+            log.warning("busy", request_id=cid, queue_depth=self.queue.qsize())
+
+    # -- workers ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def _address(self, work: Work) -> tuple[str | None, bytes | None]:
+        """Response Topic (v5) with its Correlation Data, else `reply_to`, else the device's result topic."""
+        if work.inbound.response_topic:
+            return work.inbound.response_topic, work.inbound.correlation_data
+        reply_to = work.command.reply_to if work.command else (work.error.reply_to if work.error else None)
+        if reply_to:
+            return reply_to, None
+        if work.error is not None and work.error.command_id is None:
+            return None, None  # nothing identifies the sender: log it, answer nobody
+        return self.bus.result_topic, None
+
+    def _loop(self) -> None:
+        name = threading.current_thread().name
+        while not self._stop.is_set():
+            try:
+                work = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._process(work, name)
+            except Exception:
+                log.exception("worker_failed")
+            finally:
+                self.busy_until[name] = None
+                self.queue.task_done()
+                structlog.contextvars.clear_contextvars()
+
+    def _process(self, work: Work, worker: str) -> None:
+        inbound = work.inbound
+        topic, corr = self._address(work)
+        if work.error is not None:
+            err = work.error
+            log.warning("bad_command", code=err.code.value, message=err.message, topic=inbound.topic,
+                        request_id=err.command_id, replied=topic is not None)
+            self.metrics.record("error", None, 0.0, err.code.value)
+            if topic is not None:
+                result = err.to_result()
+                result.device = self.pipeline.device_id
+                self._deliver(work, topic, corr, result.to_json(), key=None)
+            else:
+                self.bus.ack(inbound.mid, inbound.qos)
+            return
+        command = work.command
+        assert command is not None and topic is not None
+        structlog.contextvars.bind_contextvars(request_id=command.id)
+        key = self.store.key(topic, command.id)
+        prior = self.store.get(key)
+        if prior is not None:
+            payload, published = prior
+            log.info("redelivered", already_published=published)
+            if published:
+                self.bus.ack(inbound.mid, inbound.qos)
+            else:
+                self._deliver(work, topic, corr, payload, key)
+            return
+        self.busy_until[worker] = self.pipeline.deadline_for(command, inbound.received) + 5.0
+        result = self.pipeline.handle(command, inbound.received)
+        self.busy_until[worker] = None
+        payload = result.to_json()
+        self.store.put(key, payload)
+        self._deliver(work, topic, corr, payload, key)
+        code = result.error.code.value if result.error else None
+        self.metrics.record(result.status, result.tier, result.timings_ms.get("total", 0.0), code)
+        log.info("answered", status=result.status, tier=result.tier, error=code,
+                 ms=result.timings_ms.get("total"))
+
+    def _deliver(self, work: Work, topic: str, corr: bytes | None, payload: bytes, key: str | None) -> None:
+        """Publish, wait for the broker to hold it, then acknowledge the command."""
+        info = self.bus.publish(topic, payload, correlation_data=corr)
+        while not self._stop.is_set():
+            try:
+                if self.bus.wait_published(info, 0.5):
+                    break
+            except ValueError:
+                break  # dropped locally: nothing will ever go out
+        else:
+            return  # hard stop: not acknowledged, the broker redelivers
+        if key is not None:
+            self.store.mark_published(key)
+        if work.generation == self.bus.connects:
+            self.bus.ack(work.inbound.mid, work.inbound.qos)
+        # else: the connection that carried the command is gone; its redelivery is answered from the store
+
+    # -- shutdown -----------------------------------------------------------------------------------------------
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop taking commands and finish those already taken, for at most `grace_s`. True if all finished."""
+        self.accepting.clear()
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            if self.queue.unfinished_tasks == 0:
+                break
+            time.sleep(0.02)
+        finished = self.queue.unfinished_tasks == 0
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=1.0)
+        return finished
+
+    def hung(self, now: float) -> bool:
+        """True when a worker is past its request's deadline: the watchdog must stop pinging."""
+        return any(limit is not None and now > limit for limit in self.busy_until.values())
+
+
+__all__ = ["Dispatcher", "ErrorCode"]

@@ -1,0 +1,171 @@
+"""The daemon's lifecycle: start in order, serve, report health to systemd, stop in order.
+
+One place owns signals (as uvicorn does): the first SIGTERM/SIGINT starts a bounded graceful stop, a second SIGINT
+forces exit. The watchdog ping is tied to real progress: a worker stuck past its request's deadline stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import sdnotify
+import structlog
+
+from edged import __version__
+from edged.answered import AnsweredStore
+from edged.bus import MqttBus
+from edged.config import Config
+from edged.dispatch import Dispatcher
+from edged.models_runtime import LoadedModels, load_models
+from edged.pipeline import Pipeline
+from edged.telemetry import Metrics, ResourceSampler
+from edged.tools.builtin import builtin_tools
+from edged.tools.registry import ToolRegistry
+
+log = structlog.get_logger(__name__)
+
+
+def _watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not usec.isdigit():
+        return None
+    if os.environ.get("WATCHDOG_PID") and os.environ["WATCHDOG_PID"] != str(os.getpid()):
+        return None
+    return int(usec) / 1e6 / 2
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.notifier = sdnotify.SystemdNotifier()
+        self.metrics = Metrics()
+        self.registry = ToolRegistry(allow=frozenset(config.tools.allow) if config.tools.allow is not None else None)
+        self.registry.register_all(builtin_tools(config.tools.contacts_file, config.tools.timeout_s))
+        self.models = LoadedModels()
+        self.pipeline = Pipeline(self.registry, config.device.id, config.limits.deadline_ms)
+        self.store = AnsweredStore(config.state.dir / "answered.sqlite3", config.limits.answered_cache)
+        self.bus = MqttBus(config, self._on_inbound)
+        self.bus.online_payload = self.status_payload
+        self.dispatcher = Dispatcher(
+            self.bus, self.pipeline, self.store, self.metrics,
+            queue_size=config.limits.queue_size, max_payload=config.mqtt.max_payload_bytes,
+            retry_after_ms=config.limits.retry_after_ms,
+        )
+        self.sampler = ResourceSampler(lambda: self.config.models_dir)
+        self.stopping = threading.Event()
+        self._signals = 0
+
+    def _on_inbound(self, inbound: Any) -> None:
+        self.dispatcher.on_inbound(inbound)
+
+    def notify(self, *lines: str) -> None:
+        self.notifier.notify("\n".join(lines))
+
+    # -- status and telemetry -------------------------------------------------------------------------------------
+
+    def status_payload(self, state: str = "online") -> dict[str, Any]:
+        degraded = state == "online" and self.models.degraded
+        return {
+            "state": "degraded" if degraded else state,
+            "device": self.config.device.id,
+            "version": __version__,
+            "models": self.models.describe(),
+            "tools": self.registry.names(),
+            "topics": {"cmd": self.bus.cmd_topic, "shared": self.bus.shared_topic, "result": self.bus.result_topic},
+            "ts": time.time(),
+        }
+
+    def telemetry_payload(self) -> dict[str, Any]:
+        return {
+            "device": self.config.device.id,
+            "ts": time.time(),
+            "uptime_s": round(time.monotonic() - self.metrics.started, 3),
+            "resources": self.sampler.sample(),
+            "requests": self.metrics.snapshot(),
+            "queue": {"depth": self.dispatcher.queue.qsize(), "capacity": self.dispatcher.queue.maxsize},
+            "models": self.models.stats(),
+            "mqtt": {"connected": self.bus.connected.is_set(), "connects": self.bus.connects},
+        }
+
+    # -- signals ----------------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1 and signum == signal.SIGINT:
+            log.warning("forced_exit")
+            os._exit(130)
+        self.stopping.set()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    # -- run --------------------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.install_signals()
+        self.notify("STATUS=loading models")
+        self.models = load_models(self.config, on_progress=lambda msg: self.notify("EXTEND_TIMEOUT_USEC=60000000",
+                                                                                     f"STATUS={msg}"))
+        self.pipeline.router = self.models.router
+        self.dispatcher.start()
+        self.notify(f"STATUS=connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
+        self.bus.start()
+        while not self.bus.connected.wait(0.2):
+            if self.stopping.is_set():
+                self.bus.stop(self.status_payload("stopped"))
+                return 0
+        self.notify("READY=1", f"STATUS={self._summary()}")
+        log.info("ready", device=self.config.device.id, version=__version__, tools=self.registry.names(),
+                 models=self.models.describe())
+        self._serve()
+        return self._shutdown()
+
+    def _summary(self) -> str:
+        snap = self.metrics.snapshot()
+        return (f"{'connected' if self.bus.connected.is_set() else 'disconnected'}; "
+                f"{snap['requests_total']} requests; queue {self.dispatcher.queue.qsize()}; "
+                f"router {self.models.describe().get('router', {}).get('state', 'none')}")
+
+    def _serve(self) -> None:
+        ping_every = _watchdog_interval()
+        next_ping = next_telemetry = time.monotonic()
+        next_status = time.monotonic() + 5
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if ping_every is not None and now >= next_ping:
+                if self.dispatcher.hung(now):
+                    log.error("worker_hung", note="watchdog pings withheld")
+                else:
+                    self.notify("WATCHDOG=1")
+                next_ping = now + ping_every
+            if now >= next_telemetry:
+                next_telemetry = now + self.config.telemetry.interval_s
+                if self.bus.connected.is_set():
+                    try:
+                        self.bus.publish_json(self.bus.telemetry_topic, self.telemetry_payload(), qos=0)
+                    except Exception:
+                        log.exception("telemetry_failed")
+            if now >= next_status:
+                next_status = now + 5
+                self.notify(f"STATUS={self._summary()}")
+            self.stopping.wait(min(0.5, ping_every or 0.5))
+
+    def _shutdown(self) -> int:
+        grace = self.config.limits.shutdown_grace_s
+        log.info("stopping", grace_s=grace, in_flight=self.dispatcher.queue.unfinished_tasks)
+        self.notify("STOPPING=1", "STATUS=stopping")
+        finished = self.dispatcher.drain(grace)
+        if not finished:
+            log.warning("shutdown_left_commands", note="unacknowledged: the broker redelivers them after restart")
+        self.bus.stop(self.status_payload("stopped"))
+        self.registry.shutdown()
+        self.models.close()
+        self.store.close()
+        log.info("stopped")
+        return 0
