@@ -110,6 +110,12 @@ class ModelsConfig(_Section):
     n_threads: int = Field(0, description="llama.cpp threads; 0 = physical cores.", ge=0, le=256)
     n_ctx: int = Field(2048, description="Context length of each loaded model.", ge=256, le=131072)
     n_gpu_layers: int = Field(0, description="Layers offloaded to a GPU (needs a CUDA/Vulkan build).", ge=-1, le=1000)
+    router_format: Literal["functiongemma", "qwen", "gemma3", "generic"] | None = Field(
+        None, description="Prompt format of the router; default from the manifest or the GGUF's metadata."
+    )
+    min_confidence: float = Field(
+        0.0, description="Below this confidence in its tool choice the router hands over (escalates).", ge=0, le=1
+    )
     verify: bool = Field(True, description="Check each file's sha256 (cached by size and mtime) before loading.")
 
     @field_validator("router", "thinker", mode="before")

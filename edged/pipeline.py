@@ -24,6 +24,10 @@ class Pipeline:
         self.default_deadline_ms = default_deadline_ms
         self.router = router
 
+    def tool_specs(self) -> list[ToolSpec]:
+        """The device's own tools as the router sees them."""
+        return [ToolSpec(t.name, t.description, t.parameters, t.examples) for t in self.registry.allowed()]
+
     def deadline_for(self, command: Command, received: float) -> float:
         return received + (command.deadline_ms or self.default_deadline_ms) / 1000
 
@@ -74,27 +78,28 @@ class Pipeline:
             specs = (
                 [ToolSpec.from_openai(t) for t in command.tools or []]
                 if client_tools
-                else [ToolSpec(t.name, t.description, t.parameters) for t in self.registry.allowed()]
+                else self.tool_specs()
             )
         except (KeyError, TypeError, AttributeError) as exc:
             return Result.failure(command.id, ErrorCode.BAD_COMMAND, f"invalid tool schema in 'tools': {exc}")
         t0 = time.monotonic()
         outcome: RouteOutcome = self.router.route(command.query, specs, deadline)
-        timings = {"route": round((time.monotonic() - t0) * 1000, 3), **outcome.stats}
+        timings = {"route": round((time.monotonic() - t0) * 1000, 3), **outcome.timings_ms}
         if outcome.none_fit:
             result = Result.failure(
                 command.id, ErrorCode.NEEDS_REASONING, outcome.reason or "no tool fits this request"
             )
-            result.tier, result.model, result.timings_ms = 1, outcome.model, timings
+            result.tier, result.model, result.timings_ms, result.usage = 1, outcome.model, timings, outcome.usage
             return result
         if client_tools:
             calls = [CallResult(name=c.name, arguments=c.arguments) for c in outcome.calls]
-            return Result(id=command.id, status="ok", tier=1, calls=calls, model=outcome.model, timings_ms=timings)
+            return Result(id=command.id, status="ok", tier=1, calls=calls, model=outcome.model, timings_ms=timings,
+                          usage=outcome.usage)
         t1 = time.monotonic()
         calls = [self._execute(c.name, c.arguments, deadline) for c in outcome.calls]
         timings["tools"] = round((time.monotonic() - t1) * 1000, 3)
         failed = next((c.error for c in calls if c.error is not None), None)
         return Result(
             id=command.id, status="error" if failed else "ok", tier=1, calls=calls, error=failed,
-            answer=outcome.answer, model=outcome.model, timings_ms=timings,
+            answer=outcome.answer, model=outcome.model, timings_ms=timings, usage=outcome.usage,
         )

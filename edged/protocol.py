@@ -92,6 +92,7 @@ class Result(BaseModel):
     model: str | None = None
     device: str | None = None
     escalations: list[dict[str, Any]] = Field(default_factory=list)
+    usage: dict[str, float] = Field(default_factory=dict)
     retry_after_ms: int | None = None
 
     def to_json(self) -> bytes:
@@ -136,14 +137,53 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _utf8_ok(text: str) -> bool:
+    """False for a string holding lone surrogates (JSON allows "\\ud800"; UTF-8, MQTT and pydantic do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _all_utf8(value: Any) -> bool:
+    """Every string (keys included) of a decoded JSON value encodes as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _utf8_ok(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _salvage(obj: Any) -> tuple[str | None, str | None]:
     """The id and reply_to of a malformed command, when they at least look right, to address the error."""
     if not isinstance(obj, dict):
         return None, None
     cid = obj.get("id")
     reply = obj.get("reply_to")
-    cid = cid if isinstance(cid, str) and 0 < len(cid) <= MAX_ID_LEN else None
-    ok_reply = isinstance(reply, str) and 0 < len(reply) <= 512 and not any(c in reply for c in "+#\x00")
+    cid = cid if isinstance(cid, str) and 0 < len(cid) <= MAX_ID_LEN and _utf8_ok(cid) else None
+    ok_reply = (
+        isinstance(reply, str) and 0 < len(reply) <= 512 and not any(c in reply for c in "+#\x00")
+        and _utf8_ok(reply)
+    )
     return cid, reply if ok_reply else None
 
 
@@ -156,8 +196,8 @@ def decode_command(payload: bytes, max_bytes: int) -> Command:
     except UnicodeDecodeError as exc:
         raise DecodeError(ErrorCode.BAD_ENCODING, f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from exc
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, NaN/Infinity, ints over 4300 digits
         raise DecodeError(ErrorCode.BAD_JSON, f"payload is not JSON: {exc}") from exc
     cid, reply_to = _salvage(obj)
     if not isinstance(obj, dict):
@@ -165,6 +205,11 @@ def decode_command(payload: bytes, max_bytes: int) -> Command:
     if _depth(obj, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise DecodeError(
             ErrorCode.BAD_COMMAND, f"nesting deeper than {MAX_JSON_DEPTH}", command_id=cid, reply_to=reply_to
+        )
+    if not _all_utf8(obj):
+        raise DecodeError(
+            ErrorCode.BAD_ENCODING, "payload has \\u escapes of lone surrogates: not valid Unicode",
+            command_id=cid, reply_to=reply_to,
         )
     try:
         return Command.model_validate(obj)

@@ -18,6 +18,7 @@ class ToolSpec:
     name: str
     description: str
     parameters: dict[str, Any]
+    examples: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     @classmethod
     def from_openai(cls, schema: dict[str, Any]) -> ToolSpec:
@@ -40,7 +41,8 @@ class RouteOutcome:
     reason: str | None = None
     answer: str | None = None
     model: str | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, float] = field(default_factory=dict)  # tokens, decode steps, confidence
 
 
 class Router(Protocol):

@@ -113,6 +113,10 @@ class Daemon:
         self.models = load_models(self.config, on_progress=lambda msg: self.notify("EXTEND_TIMEOUT_USEC=60000000",
                                                                                      f"STATUS={msg}"))
         self.pipeline.router = self.models.router
+        warm = getattr(self.models.router, "warm", None)
+        if warm is not None:
+            self.notify("STATUS=warming the router's prompt cache")
+            warm(self.pipeline.tool_specs())
         self.dispatcher.start()
         self.notify(f"STATUS=connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
         self.bus.start()

@@ -47,6 +47,7 @@ class Tool:
     args_model: type[BaseModel]
     func: Callable[[Any], Any]
     timeout_s: float = 5.0
+    examples: tuple[tuple[str, dict[str, Any]], ...] = ()  # (request, arguments): few-shot for untrained models
 
     @property
     def parameters(self) -> dict[str, Any]:

@@ -1,0 +1,272 @@
+"""Schema-constrained decoding of tool calls, one model step per token the model really has to choose.
+
+The tool schemas are compiled into a decoding plan instead of a GBNF grammar checked against the whole vocabulary
+at every step: the call syntax (braces, keys, quotes) is forced text fed as one batch; a tool name, an enum value
+or a boolean is a choice in a token trie, where only branching points cost a model step and the model's
+probabilities among the allowed tokens give the confidence; strings and numbers are generated greedily from the
+best allowed candidates. The output therefore always parses into calls of known tools with arguments of the
+declared types; pydantic still validates them before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edged.llm.engine import Engine
+from edged.llm.formats import NONE_TOOL, CallSyntax, PromptFormat
+from edged.router import ProposedCall, ToolSpec
+
+TOP_K = 48
+_NUMBER = re.compile(r"-?\d*\.?\d*(e-?\d*)?")
+_INTEGER = re.compile(r"-?\d*")
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass
+class Decoded:
+    calls: list[ProposedCall] = field(default_factory=list)
+    none_fit: bool = False
+    confidence: float = 1.0
+    steps: int = 0  # model steps that chose a token
+    forced: int = 0  # tokens fed as forced text
+    reused: int = 0  # prompt tokens reused from the cache
+    prompt: int = 0  # prompt tokens evaluated
+
+
+@dataclass
+class _Trie:
+    children: dict[int, _Trie] = field(default_factory=dict)
+    option: int | None = None  # index of the option that ends here
+
+
+class CallDecoder:
+    """Decodes calls for one request; holds the engine lock's owner's state for that request only."""
+
+    def __init__(self, engine: Engine, fmt: PromptFormat, *, copy_bias: float = 2.5, max_calls: int = 4,
+                 max_string_tokens: int = 24) -> None:
+        self.engine = engine
+        self.fmt = fmt
+        self.syntax: CallSyntax = fmt.syntax
+        self.copy_bias = copy_bias
+        self.max_calls = max_calls
+        self.max_string_tokens = max_string_tokens
+        self._tok_cache: dict[str, list[int]] = {}
+        self.deadline = float("inf")
+        self.out = Decoded()
+        self._copy_ids: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    # -- primitives ------------------------------------------------------------------------------------------------
+
+    def _tok(self, text: str) -> list[int]:
+        cached = self._tok_cache.get(text)
+        if cached is None:
+            cached = self.engine.tokenize(text)
+            self._tok_cache[text] = cached
+        return cached
+
+    def _force(self, text: str) -> None:
+        tokens = self._tok(text)
+        self.engine.feed(tokens)
+        self.out.forced += len(tokens)
+
+    def _check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise DeadlineExceeded("deadline passed during decoding")
+
+    def _step_logits(self) -> np.ndarray:
+        self._check_deadline()
+        self.out.steps += 1
+        return self.engine.logits()
+
+    def choose(self, options: list[str]) -> tuple[int, float]:
+        """Let the model pick one of `options` (full texts, fed as it goes); returns (index, confidence)."""
+        root = _Trie()
+        for index, text in enumerate(options):
+            node = root
+            for token in self._tok(text):
+                node = node.children.setdefault(token, _Trie())
+            node.option = index
+        node, confidence, pending = root, 1.0, []
+        while node.option is None:
+            if len(node.children) == 1:
+                token, node = next(iter(node.children.items()))
+                pending.append(token)
+                continue
+            if pending:
+                self.engine.feed(pending)
+                self.out.forced += len(pending)
+                pending = []
+            logits = self._step_logits()
+            ids = np.fromiter(node.children.keys(), dtype=np.int64)
+            scores = logits[ids].astype(np.float64)
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+            best = int(np.argmax(probs))
+            confidence *= float(probs[best])
+            token = int(ids[best])
+            self.engine.feed([token])
+            node = node.children[token]
+        if pending:
+            self.engine.feed(pending)
+            self.out.forced += len(pending)
+        assert node.option is not None
+        return node.option, confidence
+
+    def _candidates(self, logits: np.ndarray, bias: bool) -> list[int]:
+        """Best tokens first: the top-k of the logits, plus the request's own tokens with a copy bias."""
+        top = np.argpartition(logits, -TOP_K)[-TOP_K:]
+        scores = {int(t): float(logits[t]) for t in top}
+        if bias and len(self._copy_ids):
+            for t, s in zip(self._copy_ids.tolist(), logits[self._copy_ids].tolist(), strict=True):
+                scores[t] = s + self.copy_bias
+        return sorted(scores, key=scores.__getitem__, reverse=True)
+
+    # -- values ----------------------------------------------------------------------------------------------------
+
+    def _string(self) -> str:
+        self._force(self.syntax.str_open)
+        close = self.syntax.str_close.encode()
+        out = b""
+        for _ in range(self.max_string_tokens):
+            logits = self._step_logits()
+            chosen = None
+            for token in self._candidates(logits, bias=True):
+                piece = self.engine.piece(token)
+                if self.engine.is_end(token) or close in piece:
+                    cut = piece.split(close)[0] if close in piece else b""
+                    if out or cut.strip():
+                        out += cut
+                        chosen = -1
+                        break
+                    continue  # an empty value is never the model's best guess: take the next candidate
+                if b"\n" in piece or b"\\" in piece or (b'"' in piece and self.syntax.json_values) or not piece:
+                    continue
+                chosen = token
+                out += piece
+                break
+            if chosen is None or chosen == -1:
+                break
+            self.engine.feed([chosen])
+        self._force(self.syntax.str_close)
+        return out.decode("utf-8", "replace").strip()
+
+    def _number(self, integer: bool) -> int | float | None:
+        pattern = _INTEGER if integer else _NUMBER
+        text = ""
+        for _ in range(24):
+            logits = self._step_logits()
+            chosen = None
+            for token in self._candidates(logits, bias=True):
+                piece = self.engine.piece(token).decode("utf-8", "replace")
+                candidate = (text + piece).strip() if not text else text + piece
+                if piece.strip() and pattern.fullmatch(candidate):
+                    chosen, text = token, candidate
+                    break
+                if any(ch.isdigit() for ch in text) and (not piece or not piece[0].isalnum()):
+                    break  # the model ends the number here
+            if chosen is None:
+                break
+            self.engine.feed([chosen])
+        if not any(ch.isdigit() for ch in text):
+            return None
+        try:
+            return int(text) if integer else (int(text) if re.fullmatch(r"-?\d+", text) else float(text))
+        except ValueError:
+            return None
+
+    def _json_value(self) -> Any:
+        """Arrays and objects: greedy until brackets balance (rare in device tools)."""
+        text = ""
+        depth = 0
+        for _ in range(64):
+            logits = self._step_logits()
+            token = self._candidates(logits, bias=True)[0]
+            piece = self.engine.piece(token).decode("utf-8", "replace")
+            text += piece
+            depth += piece.count("[") + piece.count("{") - piece.count("]") - piece.count("}")
+            self.engine.feed([token])
+            if depth <= 0 and text.strip():
+                break
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    def _value(self, schema: dict[str, Any]) -> Any:
+        kind = schema.get("type")
+        if "enum" in schema:
+            values = list(schema["enum"])
+            if self.syntax.json_values:
+                texts = [json.dumps(v) for v in values]
+            else:
+                texts = [f"{self.syntax.str_open}{v}{self.syntax.str_close}" if isinstance(v, str) else
+                         json.dumps(v) for v in values]
+            index, _ = self.choose(texts)
+            return values[index]
+        if kind == "boolean":
+            index, _ = self.choose(["true", "false"])
+            return index == 0
+        if kind == "integer":
+            return self._number(integer=True)
+        if kind == "number":
+            return self._number(integer=False)
+        if kind == "string" or (kind is None and "anyOf" not in schema):
+            return self._string()
+        return self._json_value()
+
+    # -- calls -----------------------------------------------------------------------------------------------------
+
+    def _arguments(self, tool: ToolSpec) -> dict[str, Any]:
+        props: dict[str, Any] = tool.parameters.get("properties", {})
+        required = [k for k in tool.parameters.get("required", list(props)) if k in props]
+        args: dict[str, Any] = {}
+        for i, key in enumerate(required):
+            self._force((self.syntax.arg_sep if i else "") + self.syntax.key_open.format(key=key))
+            args[key] = self._value(props[key])
+        self._force(self.syntax.args_close)
+        return args
+
+    def decode(self, prompt: list[int], query: str, tools: list[ToolSpec], deadline: float) -> Decoded:
+        self.deadline = deadline
+        self.out = Decoded()
+        query_tokens = self.engine.tokenize(query, special=False) + self.engine.tokenize(" " + query, special=False)
+        self._copy_ids = np.array(sorted(set(query_tokens)), dtype=np.int64)
+        reused = self.engine.sync(prompt)
+        self.out.reused, self.out.prompt = reused, len(prompt) - reused
+        syntax = self.syntax
+        by_name = {t.name: t for t in tools}
+        if syntax.opener_is_choice:
+            logits = self._step_logits()
+            opener = self._tok(syntax.opener)[0]
+            probs = np.exp(logits - logits.max())
+            p_call = float(probs[opener] / probs.sum())
+            if int(np.argmax(logits)) != opener and p_call < 0.2:
+                self.out.none_fit, self.out.confidence = True, 1 - p_call
+                return self.out
+            self.out.confidence = p_call
+        self._force(syntax.opener)
+        names = list(by_name) + ([] if syntax.opener_is_choice else [NONE_TOOL])
+        for n in range(self.max_calls):
+            self._force(syntax.name_open)
+            index, confidence = self.choose([name + syntax.name_close for name in names])
+            self.out.confidence *= confidence
+            name = names[index]
+            if name == NONE_TOOL:
+                self.out.none_fit = not self.out.calls
+                break
+            self.out.calls.append(ProposedCall(name, self._arguments(by_name[name])))
+            if n + 1 == self.max_calls:
+                break
+            more, _ = self.choose([syntax.call_sep, syntax.calls_end])
+            if more == 1:
+                break
+        return self.out

@@ -1,0 +1,151 @@
+"""One loaded GGUF: the llama.cpp context, a lock, token-level primitives and accounting.
+
+The router drives decoding token by token (it decides what the model may say), so the engine exposes the few
+primitives it needs: make the context hold a given token prefix (reusing what is already evaluated), feed forced
+tokens as one batch, and read the last row of logits without copying it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+
+
+def default_threads() -> int:
+    """Physical cores where psutil can tell (hyper-threads slow llama.cpp down), else logical ones."""
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:
+        return max(1, os.cpu_count() or 1)
+
+
+class Engine:
+    def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int = 0, n_gpu_layers: int = 0,
+                 n_batch: int = 256) -> None:
+        threads = n_threads or default_threads()
+        t0 = time.monotonic()
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, logits_all=False,
+                verbose=False, swa_full=True,
+            )
+        self.load_s = time.monotonic() - t0
+        self.path = path
+        self.lock = threading.Lock()
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = n_ctx
+        self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self._pieces: dict[int, bytes] = {}
+        self._vocab = self.llm._model.vocab
+        self.eos_ids = {t for t in (self.llm.token_eos(),) if t >= 0}
+        # accounting, read by telemetry
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.prompt_s = 0.0
+        self.decode_s = 0.0
+        self.requests = 0
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def tokenize(self, text: str, *, bos: bool = False, special: bool = True) -> list[int]:
+        """Text to tokens; `special=False` for text from outside, so it cannot smuggle in control tokens."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens by their text), cached: the vocabulary never changes."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self.llm._model.detokenize([token], special=True)
+            self._pieces[token] = cached
+        return cached
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)) or token in self.eos_ids
+
+    @property
+    def n_past(self) -> int:
+        return int(self.llm.n_tokens)
+
+    def tokens(self) -> list[int]:
+        return [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
+
+    def rewind(self, n: int) -> None:
+        """Forget everything after the first `n` evaluated tokens."""
+        if n < self.llm.n_tokens:
+            if not self.llm._ctx.kv_cache_seq_rm(-1, n, -1):
+                self.llm.reset()
+                self.llm._ctx.kv_cache_clear()
+                return
+            self.llm.n_tokens = n
+
+    def sync(self, tokens: list[int]) -> int:
+        """Make the context hold exactly `tokens`, evaluating only what differs from what it holds.
+
+        Returns how many tokens were reused. At least the last token is re-evaluated so its logits are fresh.
+        """
+        held = self.llm.input_ids[: self.llm.n_tokens]
+        limit = min(len(held), len(tokens) - 1)
+        common = 0
+        if limit > 0:
+            mismatch = np.nonzero(held[:limit] != np.asarray(tokens[:limit], dtype=held.dtype))[0]
+            common = int(mismatch[0]) if len(mismatch) else limit
+        self.rewind(common)
+        common = self.llm.n_tokens
+        self.feed(tokens[common:], prompt=True)
+        return common
+
+    def feed(self, tokens: list[int], *, prompt: bool = False) -> None:
+        """Evaluate tokens in one batch (forced text, or the request itself)."""
+        if not tokens:
+            return
+        if self.llm.n_tokens + len(tokens) > self.n_ctx:
+            raise ContextFull(f"context of {self.n_ctx} tokens is full")
+        t0 = time.perf_counter()
+        self.llm.eval(tokens)
+        dt = time.perf_counter() - t0
+        if prompt or len(tokens) > 1:
+            self.prompt_tokens += len(tokens)
+            self.prompt_s += dt
+        else:
+            self.generated_tokens += 1
+            self.decode_s += dt
+
+    def logits(self) -> npt.NDArray[np.float32]:
+        """The last evaluated token's logits: a view into llama.cpp's buffer, valid until the next feed."""
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "file": self.path.name,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens_per_s": round(self.prompt_tokens / self.prompt_s, 1) if self.prompt_s else None,
+            "tokens_per_s": round(self.generated_tokens / self.decode_s, 1) if self.decode_s else None,
+        }
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.close()
+
+
+class ContextFull(Exception):
+    """The request does not fit in the context window."""

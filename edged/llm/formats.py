@@ -1,0 +1,220 @@
+"""Prompt formats per model family: how tools are declared and what a tool call looks like.
+
+A format gives the router three things: the prompt prefix that declares the tools (evaluated once per tool set and
+reused), the text around the request, and the call syntax that the constrained decoder writes around the values
+the model chooses. Three families: FunctionGemma's native declarations and `<start_function_call>`, Hermes/Qwen
+`<tool_call>` JSON through the GGUF's own chat template, and a generic JSON form for models with no tool template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from edged.router import ToolSpec
+
+NONE_TOOL = "none"
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    """The literal text around the parts the model chooses. The decoder forces all of it."""
+
+    opener: str  # text that starts the list of calls; the model chooses it (or not) where `opener_is_choice`
+    name_open: str
+    name_close: str
+    key_open: str  # format string with {key}
+    arg_sep: str
+    str_open: str
+    str_close: str
+    args_close: str
+    call_sep: str  # chosen by the model against `calls_end`
+    calls_end: str
+    opener_is_choice: bool = False  # True: "no call" is the model not opening a call (Hermes, FunctionGemma)
+    json_values: bool = True  # numbers/bools/enums as JSON literals
+
+
+@dataclass
+class PromptFormat:
+    family: str
+    syntax: CallSyntax
+    examples: bool = False  # few-shot examples help models not trained for tools
+
+    def prefix(self, tools: list[ToolSpec]) -> str:
+        """Everything before the request's own text: evaluated once per tool set and reused."""
+        raise NotImplementedError
+
+    def suffix(self) -> str:
+        """Text after the request up to where the model's answer starts."""
+        raise NotImplementedError
+
+
+# --- generic JSON (a model with no tool template, e.g. the Gemma 3 270M base stand-in) ----------------------------
+
+
+def _signature(tool: ToolSpec) -> str:
+    props = tool.parameters.get("properties", {})
+    args = []
+    for key, schema in props.items():
+        kind = schema.get("type", "any")
+        if "enum" in schema:
+            kind = "|".join(json.dumps(v) for v in schema["enum"])
+        args.append(f"{key}: {kind}")
+    return f"{tool.name}({', '.join(args)})"
+
+
+def _json_calls(calls: list[tuple[str, dict[str, Any]]]) -> str:
+    return json.dumps([{"name": n, "arguments": a} for n, a in calls])
+
+
+@dataclass
+class GenericJsonFormat(PromptFormat):
+    family: str = "generic"
+    syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
+        opener="[", name_open='{"name": "', name_close='", "arguments": {', key_open='"{key}": ', arg_sep=", ",
+        str_open='"', str_close='"', args_close="}}", call_sep=", ", calls_end="]",
+    ))
+    examples: bool = True
+    turn_open: str = ""
+    turn_close: str = ""
+
+    def prefix(self, tools: list[ToolSpec]) -> str:
+        lines = ["Functions:"]
+        lines += [f"- {_signature(t)}: {t.description}" for t in tools]
+        lines.append(f"- {NONE_TOOL}(): when no function fits the request")
+        lines.append("")
+        lines.append("Map each request to a JSON list of function calls. Copy values from the request.")
+        lines.append("")
+        shots = [(q, [(t.name, a)]) for t in tools for q, a in t.examples[:1]]
+        if len(shots) >= 2:
+            (q1, c1), (q2, c2) = shots[0], shots[1]
+            shots.append((f"{q1.rstrip('?.!')} and {q2[0].lower()}{q2[1:]}", c1 + c2))
+        shots.append(("Tell me a story about a dragon.", [(NONE_TOOL, {})]))
+        for query, calls in shots:
+            lines.append(f"{self.turn_open}Request: {query}\nCalls: {_json_calls(calls)}{self.turn_close}")
+            lines.append("")
+        return "\n".join(lines) + f"{self.turn_open}Request: "
+
+    def suffix(self) -> str:
+        return "\nCalls: "
+
+
+# --- Hermes / Qwen (<tool_call> JSON in the GGUF's chat template) -------------------------------------------------
+
+QUERY_MARK = "\x00QUERY\x00"
+
+
+def render_template(template: str, tools: list[ToolSpec], bos: str = "", eos: str = "",
+                    enable_thinking: bool = False) -> tuple[str, str]:
+    """Render the GGUF's Jinja chat template with the tools and a marked user turn; split at the mark."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    openai_tools = [
+        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        for t in tools
+    ]
+    text = env.from_string(template).render(
+        messages=[{"role": "user", "content": QUERY_MARK}], tools=openai_tools, add_generation_prompt=True,
+        bos_token=bos, eos_token=eos, enable_thinking=enable_thinking,
+    )
+    before, _, after = text.partition(QUERY_MARK)
+    return before, after
+
+
+@dataclass
+class HermesFormat(PromptFormat):
+    family: str = "qwen"
+    template: str = ""
+    end_token: str = "<|im_end|>"
+    syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
+        opener="<tool_call>\n", name_open='{"name": "', name_close='", "arguments": {', key_open='"{key}": ',
+        arg_sep=", ", str_open='"', str_close='"', args_close="}}\n</tool_call>", call_sep="\n<tool_call>\n",
+        calls_end="<|im_end|>", opener_is_choice=True,
+    ))
+    _suffix: str = ""
+
+    def prefix(self, tools: list[ToolSpec]) -> str:
+        before, after = render_template(self.template, tools)
+        self._suffix = after
+        return before
+
+    def suffix(self) -> str:
+        return self._suffix
+
+
+# --- FunctionGemma (native declarations, <start_function_call>) ---------------------------------------------------
+
+
+def _fg_value(value: Any) -> str:
+    if isinstance(value, str):
+        return f"<escape>{value}<escape>"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_fg_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_fg_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _fg_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """JSON schema with FunctionGemma's upper-case type names."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "type" and isinstance(value, str):
+            out[key] = value.upper()
+        elif key == "properties" and isinstance(value, dict):
+            out[key] = {k: _fg_schema(v) for k, v in value.items()}
+        elif isinstance(value, dict):
+            out[key] = _fg_schema(value)
+        else:
+            out[key] = value
+    return out
+
+
+def functiongemma_declaration(tool: ToolSpec) -> str:
+    body = {"description": tool.description, "parameters": _fg_schema(tool.parameters)}
+    return f"<start_function_declaration>declaration:{tool.name}{_fg_value(body)}<end_function_declaration>"
+
+
+@dataclass
+class FunctionGemmaFormat(PromptFormat):
+    family: str = "functiongemma"
+    syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
+        opener="<start_function_call>", name_open="call:", name_close="{", key_open="{key}:", arg_sep=",",
+        str_open="<escape>", str_close="<escape>", args_close="}<end_function_call>",
+        call_sep="<start_function_call>", calls_end="<end_of_turn>", opener_is_choice=True,
+    ))
+
+    def prefix(self, tools: list[ToolSpec]) -> str:
+        decls = "".join(functiongemma_declaration(t) for t in tools)
+        return (
+            "<bos><start_of_turn>developer\nYou are a model that can do function calling with the following "
+            f"functions{decls}<end_of_turn>\n<start_of_turn>user\n"
+        )
+
+    def suffix(self) -> str:
+        return "<end_of_turn>\n<start_of_turn>model\n"
+
+
+def choose_format(family: str | None, metadata: dict[str, str], name: str = "") -> PromptFormat:
+    """Pick the format from an explicit family, else from the GGUF's metadata and chat template."""
+    template = metadata.get("tokenizer.chat_template", "")
+    if family is None:
+        if "start_function_call" in template or "functiongemma" in name.lower():
+            family = "functiongemma"
+        elif "<tool_call>" in template:
+            family = "qwen"
+        elif metadata.get("general.architecture", "").startswith("gemma"):
+            family = "gemma3"
+        else:
+            family = "generic"
+    if family == "functiongemma":
+        return FunctionGemmaFormat()
+    if family == "qwen":
+        if "<tool_call>" not in template:
+            raise ValueError("family 'qwen' needs a GGUF chat template with <tool_call> support")
+        return HermesFormat(template=template)
+    if family == "gemma3":
+        return GenericJsonFormat(family="gemma3")
+    return GenericJsonFormat()
