@@ -236,11 +236,33 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def format_validation_error(err: ValidationError, source: str) -> list[str]:
+def _env_names(environ: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """(section, key) -> the EDGED_<SECTION>__<KEY> variable that set it, to name it in error messages."""
+    names: dict[tuple[str, str], str] = {}
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+            names[(section, key)] = name
+    return names
+
+
+def format_validation_error(
+    err: ValidationError, source: str, env_names: Mapping[tuple[str, str], str] | None = None
+) -> list[str]:
+    """One 'source: location: message' line per error; the source is the variable when one set the value."""
     lines = []
+    env_names = env_names or {}
     for item in err.errors():
-        loc = ".".join(str(part) for part in item["loc"])
-        lines.append(f"{source}: {loc}: {item['msg']}")
+        parts = [str(part) for part in item["loc"]]
+        loc = ".".join(parts)
+        where = source
+        if len(parts) >= 2 and (parts[0], parts[1]) in env_names:
+            where = f"environment {env_names[(parts[0], parts[1])]}"
+        elif len(parts) == 1:
+            from_env = sorted(name for (section, _), name in env_names.items() if section == parts[0])
+            if from_env:
+                where = f"environment {', '.join(from_env)}"
+        lines.append(f"{where}: {loc}: {item['msg']}")
     return lines
 
 
@@ -268,7 +290,7 @@ def load_config(
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from exc
+        raise ConfigError(format_validation_error(exc, source, _env_names(environ))) from exc
     try:
         config.mqtt.resolved_password()
     except ConfigError as exc:
