@@ -100,6 +100,7 @@ class Dispatcher:
                 self._process(work, name)
             except Exception:
                 log.exception("worker_failed")
+                self._fail(work)
             finally:
                 self.busy_until[name] = None
                 self.queue.task_done()
@@ -126,12 +127,12 @@ class Dispatcher:
         key = self.store.key(topic, command.id)
         prior = self.store.get(key)
         if prior is not None:
+            # answered before: send the stored result again (to this message's Correlation Data), never re-run.
+            # Even when it was published, the sender may have missed it (it retried after a timeout): results are
+            # at least once, like the commands.
             payload, published = prior
-            log.info("redelivered", already_published=published)
-            if published:
-                self.bus.ack(inbound.mid, inbound.qos)
-            else:
-                self._deliver(work, topic, corr, payload, key)
+            log.info("redelivered", already_published=published, dup=inbound.dup)
+            self._deliver(work, topic, corr, payload, key)
             return
         self.busy_until[worker] = self.pipeline.deadline_for(command, inbound.received) + 5.0
         result = self.pipeline.handle(command, inbound.received)
@@ -143,6 +144,22 @@ class Dispatcher:
         self.metrics.record(result.status, result.tier, result.timings_ms.get("total", 0.0), code)
         log.info("answered", status=result.status, tier=result.tier, error=code,
                  ms=result.timings_ms.get("total"))
+
+    def _fail(self, work: Work) -> None:
+        """After a bug: answer 'internal' if possible and acknowledge anyway. Left unacknowledged, the message would
+        hold a slot of the broker's in-flight window until the next reconnect, and a few such would stall us."""
+        try:
+            topic, corr = self._address(work)
+            if topic is not None:
+                cid = work.command.id if work.command else (work.error.command_id if work.error else None)
+                result = Result.failure(cid, ErrorCode.INTERNAL, "internal error")
+                result.device = self.pipeline.device_id
+                self.bus.publish(topic, result.to_json(), correlation_data=corr)
+            self.metrics.record("error", None, 0.0, ErrorCode.INTERNAL.value)
+        except Exception:
+            log.exception("internal_error_reply_failed")
+        finally:
+            self.bus.ack(work.inbound.mid, work.inbound.qos)
 
     def _deliver(self, work: Work, topic: str, corr: bytes | None, payload: bytes, key: str | None) -> None:
         """Publish, wait for the broker to hold it, then acknowledge the command."""

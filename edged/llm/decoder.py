@@ -20,6 +20,7 @@ import numpy as np
 
 from edged.llm.engine import Engine
 from edged.llm.formats import NONE_TOOL, CallSyntax, PromptFormat
+from edged.llm.grounding import looks_compound, ungrounded_arguments
 from edged.router import ProposedCall, ToolSpec
 
 TOP_K = 48
@@ -246,27 +247,53 @@ class CallDecoder:
         by_name = {t.name: t for t in tools}
         if syntax.opener_is_choice:
             logits = self._step_logits()
-            opener = self._tok(syntax.opener)[0]
+            starts = sorted({self._tok(text)[0] for text in syntax.call_starts or (syntax.opener,)})
             probs = np.exp(logits - logits.max())
-            p_call = float(probs[opener] / probs.sum())
-            if int(np.argmax(logits)) != opener and p_call < 0.2:
+            p_call = float(probs[starts].sum() / probs.sum())
+            if p_call < 0.5:
                 self.out.none_fit, self.out.confidence = True, 1 - p_call
                 return self.out
             self.out.confidence = p_call
         self._force(syntax.opener)
         names = list(by_name) + ([] if syntax.opener_is_choice else [NONE_TOOL])
+        compound = looks_compound(query)
         for n in range(self.max_calls):
+            if n > 0:
+                more, _ = self.choose([syntax.call_sep, *syntax.calls_end])
+                if more != 0:
+                    if compound and n == 1:
+                        self._speculative_call(query, names, by_name)
+                    break
             self._force(syntax.name_open)
             index, confidence = self.choose([name + syntax.name_close for name in names])
-            self.out.confidence *= confidence
             name = names[index]
             if name == NONE_TOOL:
                 self.out.none_fit = not self.out.calls
                 break
-            self.out.calls.append(ProposedCall(name, self._arguments(by_name[name])))
-            if n + 1 == self.max_calls:
-                break
-            more, _ = self.choose([syntax.call_sep, syntax.calls_end])
-            if more == 1:
-                break
+            call = ProposedCall(name, self._arguments(by_name[name]))
+            if n > 0 and (call in self.out.calls or ungrounded_arguments(call, query)):
+                break  # a repeat or an invented value: the model had nothing more to call
+            if n == 0:
+                self.out.confidence *= confidence
+            self.out.calls.append(call)
         return self.out
+
+    def _speculative_call(self, query: str, names: list[str], by_name: dict[str, ToolSpec], tries: int = 2) -> None:
+        """The model would stop, but the request reads as two ("... and ..."): try the other tools it ranks best,
+        and keep the first call whose values all come from the request."""
+        syntax = self.syntax
+        self._force(syntax.call_sep + syntax.name_open)
+        mark = self.engine.n_past
+        called = {c.name for c in self.out.calls}
+        options = [name for name in names if name not in called and name != NONE_TOOL]
+        if not options:
+            return
+        logits = self._step_logits()
+        ranked = sorted(options, key=lambda name: -float(logits[self._tok(name + syntax.name_close)[0]]))
+        for name in ranked[:tries]:
+            self.engine.rewind(mark)
+            self._force(name + syntax.name_close)
+            call = ProposedCall(name, self._arguments(by_name[name]))
+            if not ungrounded_arguments(call, query):
+                self.out.calls.append(call)
+                return

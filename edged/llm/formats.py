@@ -30,8 +30,9 @@ class CallSyntax:
     str_close: str
     args_close: str
     call_sep: str  # chosen by the model against `calls_end`
-    calls_end: str
+    calls_end: tuple[str, ...]  # ways the model may end the list of calls
     opener_is_choice: bool = False  # True: "no call" is the model not opening a call (Hermes, FunctionGemma)
+    call_starts: tuple[str, ...] = ()  # first tokens that mean "a call comes" (small models skip the tags)
     json_values: bool = True  # numbers/bools/enums as JSON literals
 
 
@@ -73,7 +74,7 @@ class GenericJsonFormat(PromptFormat):
     family: str = "generic"
     syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
         opener="[", name_open='{"name": "', name_close='", "arguments": {', key_open='"{key}": ', arg_sep=", ",
-        str_open='"', str_close='"', args_close="}}", call_sep=", ", calls_end="]",
+        str_open='"', str_close='"', args_close="}}", call_sep=", ", calls_end=("]",),
     ))
     examples: bool = True
     turn_open: str = ""
@@ -131,7 +132,7 @@ class HermesFormat(PromptFormat):
     syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
         opener="<tool_call>\n", name_open='{"name": "', name_close='", "arguments": {', key_open='"{key}": ',
         arg_sep=", ", str_open='"', str_close='"', args_close="}}\n</tool_call>", call_sep="\n<tool_call>\n",
-        calls_end="<|im_end|>", opener_is_choice=True,
+        calls_end=("<|im_end|>", "\n<|im_end|>", "\n<|endoftext|>"), opener_is_choice=True, call_starts=("<tool_call>", '{"', "{", "{\n", "```", "``"),
     ))
     _suffix: str = ""
 
@@ -183,7 +184,8 @@ class FunctionGemmaFormat(PromptFormat):
     syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
         opener="<start_function_call>", name_open="call:", name_close="{", key_open="{key}:", arg_sep=",",
         str_open="<escape>", str_close="<escape>", args_close="}<end_function_call>",
-        call_sep="<start_function_call>", calls_end="<end_of_turn>", opener_is_choice=True,
+        call_sep="<start_function_call>", calls_end=("<end_of_turn>", "<start_function_response>"), opener_is_choice=True,
+        call_starts=("<start_function_call>",),
     ))
 
     def prefix(self, tools: list[ToolSpec]) -> str:

@@ -1,0 +1,46 @@
+"""Is a proposed call grounded in the request? Small models invent entities; a value the request never
+mentioned is a sign the router is guessing (used to accept extra calls and, later, to escalate)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from edged.router import ProposedCall
+
+_WORD = re.compile(r"[\w.+-]+", re.UNICODE)
+_COMPOUND = re.compile(r"\b(and|also|then|as well as)\b|[,;&]", re.IGNORECASE)
+_STOP = {"the", "a", "an", "of", "in", "at", "on", "for", "to", "me", "my"}
+
+
+def _norm(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower().replace("'s", "")))
+
+
+def value_grounded(value: Any, query: str) -> bool:
+    """A string whose words (or a number whose digits) appear in the request; other types cannot be checked."""
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, (int, float)):
+        numbers = {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", query)}
+        return float(value) in numbers
+    if isinstance(value, str):
+        words = [w for w in _norm(value).split() if w not in _STOP]
+        haystack = set(_norm(query).split())
+        return bool(words) and all(w in haystack for w in words)
+    if isinstance(value, list):
+        return all(value_grounded(v, query) for v in value)
+    if isinstance(value, dict):
+        return all(value_grounded(v, query) for v in value.values())
+    return True
+
+
+def ungrounded_arguments(call: ProposedCall, query: str, free_form: set[str] | None = None) -> list[str]:
+    """Names of the call's arguments whose values the request does not contain."""
+    return [k for k, v in call.arguments.items()
+            if (free_form is None or k not in free_form) and not value_grounded(v, query)]
+
+
+def looks_compound(query: str) -> bool:
+    """A request that may need more than one call ("... and ...")."""
+    return bool(_COMPOUND.search(query))
