@@ -178,3 +178,88 @@ def daemon(daemon_factory: type) -> Daemon:
 def client(broker: Broker) -> Iterator[EdgedClient]:
     with EdgedClient("127.0.0.1", broker.port) as c:
         yield c
+
+
+class Listener:
+    """A bare paho client that records every message on some topics (retained ones included) for assertions."""
+
+    def __init__(self, port: int, *topics: str, protocol: int = 5, client_id: str = "") -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        if topics:
+            self.client.subscribe([(t, 1) for t in topics])
+            if not subscribed.wait(10):
+                raise TimeoutError("no SUBACK")
+
+    def _on_message(self, client: object, userdata: object, msg: object) -> None:
+        with self._cond:
+            self.messages.append(msg)  # type: ignore[arg-type]
+            self._cond.notify_all()
+
+    def json(self, topic: str | None = None) -> list[dict[str, object]]:
+        with self._cond:
+            msgs = [m for m in self.messages if topic is None or m.topic == topic]
+        return [json.loads(m.payload) for m in msgs]
+
+    def wait_for(self, pred: object, timeout: float = 15.0, what: str = "a message") -> object:
+        """The first recorded message for which pred(msg) is true, waiting up to `timeout`."""
+        def find() -> object:
+            return next((m for m in self.messages if pred(m)), None)  # type: ignore[operator]
+        with self._cond:
+            if not self._cond.wait_for(lambda: find() is not None, timeout):
+                raise TimeoutError(f"no {what} within {timeout} s; got {[m.topic for m in self.messages][-20:]}")
+            return find()
+
+    def wait_json(self, topic: str, pred: object = None, timeout: float = 15.0) -> dict[str, object]:
+        def match(m: object) -> bool:
+            if m.topic != topic:  # type: ignore[attr-defined]
+                return False
+            try:
+                body = json.loads(m.payload)  # type: ignore[attr-defined]
+            except ValueError:
+                return False
+            return pred is None or bool(pred(body))  # type: ignore[operator]
+        msg = self.wait_for(match, timeout, what=f"matching message on {topic}")
+        return json.loads(msg.payload)  # type: ignore[attr-defined, no-any-return]
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, **props: object) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = None
+        if props:
+            properties = Properties(PacketTypes.PUBLISH)
+            for key, value in props.items():
+                setattr(properties, key, value)
+        self.client.publish(topic, payload, qos=qos, properties=properties).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def listen(broker: Broker) -> Iterator[object]:
+    """listen(*topics, protocol=5) -> Listener; closed at the end of the test."""
+    made: list[Listener] = []
+
+    def make(*topics: str, protocol: int = 5, client_id: str = "") -> Listener:
+        listener = Listener(broker.port, *topics, protocol=protocol, client_id=client_id)
+        made.append(listener)
+        return listener
+
+    yield make
+    for listener in made:
+        listener.close()

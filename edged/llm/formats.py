@@ -132,7 +132,8 @@ class HermesFormat(PromptFormat):
     syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
         opener="<tool_call>\n", name_open='{"name": "', name_close='", "arguments": {', key_open='"{key}": ',
         arg_sep=", ", str_open='"', str_close='"', args_close="}}\n</tool_call>", call_sep="\n<tool_call>\n",
-        calls_end=("<|im_end|>", "\n<|im_end|>", "\n<|endoftext|>"), opener_is_choice=True, call_starts=("<tool_call>", '{"', "{", "{\n", "```", "``"),
+        calls_end=("<|im_end|>", "\n<|im_end|>", "\n<|endoftext|>"), opener_is_choice=True,
+        call_starts=("<tool_call>", '{"', "{", "{\n", "```", "``"),
     ))
     _suffix: str = ""
 
@@ -184,7 +185,8 @@ class FunctionGemmaFormat(PromptFormat):
     syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
         opener="<start_function_call>", name_open="call:", name_close="{", key_open="{key}:", arg_sep=",",
         str_open="<escape>", str_close="<escape>", args_close="}<end_function_call>",
-        call_sep="<start_function_call>", calls_end=("<end_of_turn>", "<start_function_response>"), opener_is_choice=True,
+        call_sep="<start_function_call>", calls_end=("<end_of_turn>", "<start_function_response>"),
+        opener_is_choice=True,
         call_starts=("<start_function_call>",),
     ))
 
