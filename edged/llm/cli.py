@@ -106,7 +106,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from edged.cli import _load
+    from edged.llm.evaluate import evaluate
+    from edged.models_runtime import load_models
+    from edged.pipeline import Pipeline
+    from edged.tools.builtin import builtin_tools
+    from edged.tools.registry import ToolRegistry
+
+    config = _load(args.config)
+    if args.router:
+        config.models.router = args.router
+    models = load_models(config)
+    if models.router is None:
+        print(f"no router: {models.describe()}", file=sys.stderr)
+        return 2
+    registry = ToolRegistry()
+    registry.register_all(builtin_tools(config.tools.contacts_file))
+    pipeline = Pipeline(registry, config.device.id, config.limits.deadline_ms, router=models.router)
+    scores = evaluate(pipeline, Path(args.cases), Path(args.out) if args.out else None)
+    summary = {"router": models.describe().get("router", {}).get("model"), **scores.summary()}
+    for key, value in summary.items():
+        print(f"{key:22} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    models.close()
+    return 0
+
+
 def add_model_commands(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="route a JSONL case file and score the calls")
+    ev.add_argument("--cases", required=True, help="input JSONL: id, query, tools, expected")
+    ev.add_argument("--out", help="output JSONL, one line per case")
+    ev.add_argument("--router", help="router model (manifest name or .gguf path), overriding the config")
+    ev.add_argument("--json", help="also write the summary as JSON here")
+    ev.add_argument("--config", type=Path, default=None)
+    ev.set_defaults(func=cmd_eval)
+
     models = sub.add_parser("models", help="fetch, list and verify model files")
     msub = models.add_subparsers(dest="models_command", required=True)
     for name, func, helptext in (

@@ -64,6 +64,8 @@ class CallDecoder:
         self.deadline = float("inf")
         self.out = Decoded()
         self._copy_ids: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._pending: list[int] = []
+        self._prompt: list[int] | None = None
 
     # -- primitives ------------------------------------------------------------------------------------------------
 
@@ -75,9 +77,24 @@ class CallDecoder:
         return cached
 
     def _force(self, text: str) -> None:
+        """Forced text is not evaluated now: it rides along with the next model step's batch."""
         tokens = self._tok(text)
-        self.engine.feed(tokens)
+        self._pending.extend(tokens)
         self.out.forced += len(tokens)
+
+    def _accept(self, token: int) -> None:
+        """A token the model chose: likewise evaluated with the next batch, not in a call of its own."""
+        self._pending.append(token)
+
+    def _flush(self) -> None:
+        """Evaluate everything pending in one llama_decode call (the prompt too, the first time)."""
+        if self._prompt is not None:
+            reused = self.engine.sync(self._prompt + self._pending)
+            self.out.reused, self.out.prompt = reused, len(self._prompt) - reused
+            self._prompt = None
+        elif self._pending:
+            self.engine.feed(self._pending)
+        self._pending = []
 
     def _check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
@@ -85,6 +102,7 @@ class CallDecoder:
 
     def _step_logits(self) -> np.ndarray:
         self._check_deadline()
+        self._flush()
         self.out.steps += 1
         return self.engine.logits()
 
@@ -96,16 +114,13 @@ class CallDecoder:
             for token in self._tok(text):
                 node = node.children.setdefault(token, _Trie())
             node.option = index
-        node, confidence, pending = root, 1.0, []
+        node, confidence = root, 1.0
         while node.option is None:
             if len(node.children) == 1:
                 token, node = next(iter(node.children.items()))
-                pending.append(token)
+                self._pending.append(token)
+                self.out.forced += 1
                 continue
-            if pending:
-                self.engine.feed(pending)
-                self.out.forced += len(pending)
-                pending = []
             logits = self._step_logits()
             ids = np.fromiter(node.children.keys(), dtype=np.int64)
             scores = logits[ids].astype(np.float64)
@@ -114,11 +129,8 @@ class CallDecoder:
             best = int(np.argmax(probs))
             confidence *= float(probs[best])
             token = int(ids[best])
-            self.engine.feed([token])
+            self._accept(token)
             node = node.children[token]
-        if pending:
-            self.engine.feed(pending)
-            self.out.forced += len(pending)
         assert node.option is not None
         return node.option, confidence
 
@@ -156,7 +168,7 @@ class CallDecoder:
                 break
             if chosen is None or chosen == -1:
                 break
-            self.engine.feed([chosen])
+            self._accept(chosen)
         self._force(self.syntax.str_close)
         return out.decode("utf-8", "replace").strip()
 
@@ -176,7 +188,7 @@ class CallDecoder:
                     break  # the model ends the number here
             if chosen is None:
                 break
-            self.engine.feed([chosen])
+            self._accept(chosen)
         if not any(ch.isdigit() for ch in text):
             return None
         try:
@@ -194,7 +206,7 @@ class CallDecoder:
             piece = self.engine.piece(token).decode("utf-8", "replace")
             text += piece
             depth += piece.count("[") + piece.count("{") - piece.count("]") - piece.count("}")
-            self.engine.feed([token])
+            self._accept(token)
             if depth <= 0 and text.strip():
                 break
         try:
@@ -241,8 +253,7 @@ class CallDecoder:
         self.out = Decoded()
         query_tokens = self.engine.tokenize(query, special=False) + self.engine.tokenize(" " + query, special=False)
         self._copy_ids = np.array(sorted(set(query_tokens)), dtype=np.int64)
-        reused = self.engine.sync(prompt)
-        self.out.reused, self.out.prompt = reused, len(prompt) - reused
+        self._prompt, self._pending = prompt, []
         syntax = self.syntax
         by_name = {t.name: t for t in tools}
         if syntax.opener_is_choice:
@@ -259,6 +270,8 @@ class CallDecoder:
         compound = looks_compound(query)
         for n in range(self.max_calls):
             if n > 0:
+                if not compound:
+                    break  # one request, one call: not worth a model step to ask for more
                 more, _ = self.choose([syntax.call_sep, *syntax.calls_end])
                 if more != 0:
                     if compound and n == 1:
@@ -283,6 +296,7 @@ class CallDecoder:
         and keep the first call whose values all come from the request."""
         syntax = self.syntax
         self._force(syntax.call_sep + syntax.name_open)
+        self._flush()
         mark = self.engine.n_past
         called = {c.name for c in self.out.calls}
         options = [name for name in names if name not in called and name != NONE_TOOL]
@@ -291,6 +305,7 @@ class CallDecoder:
         logits = self._step_logits()
         ranked = sorted(options, key=lambda name: -float(logits[self._tok(name + syntax.name_close)[0]]))
         for name in ranked[:tries]:
+            self._pending = []
             self.engine.rewind(mark)
             self._force(name + syntax.name_close)
             call = ProposedCall(name, self._arguments(by_name[name]))

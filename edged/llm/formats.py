@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from edged.llm.functiongemma import render_declaration
 from edged.router import ToolSpec
 
 NONE_TOOL = "none"
@@ -65,6 +66,27 @@ def _signature(tool: ToolSpec) -> str:
     return f"{tool.name}({', '.join(args)})"
 
 
+def synthetic_example(tool: ToolSpec) -> tuple[str, dict[str, Any]]:
+    """A made-up request for a tool that came without examples, so an untrained model sees the call's shape."""
+    props: dict[str, Any] = tool.parameters.get("properties", {})
+    args: dict[str, Any] = {}
+    for key in tool.parameters.get("required", list(props)):
+        schema = props.get(key, {})
+        kind = schema.get("type")
+        if "enum" in schema:
+            args[key] = schema["enum"][0]
+        elif kind == "integer":
+            args[key] = 2
+        elif kind == "number":
+            args[key] = 2.5
+        elif kind == "boolean":
+            args[key] = True
+        else:
+            args[key] = key.replace("_", " ").title()
+    words = " ".join(str(v).replace("_", " ") for v in args.values())
+    return f"{tool.description.rstrip('.')}: {words}".strip(": "), args
+
+
 def _json_calls(calls: list[tuple[str, dict[str, Any]]]) -> str:
     return json.dumps([{"name": n, "arguments": a} for n, a in calls])
 
@@ -87,7 +109,7 @@ class GenericJsonFormat(PromptFormat):
         lines.append("")
         lines.append("Map each request to a JSON list of function calls. Copy values from the request.")
         lines.append("")
-        shots = [(q, [(t.name, a)]) for t in tools for q, a in t.examples[:1]]
+        shots = [(q, [(t.name, a)]) for t in tools for q, a in (t.examples[:1] or (synthetic_example(t),))][:8]
         if len(shots) >= 2:
             (q1, c1), (q2, c2) = shots[0], shots[1]
             shots.append((f"{q1.rstrip('?.!')} and {q2[0].lower()}{q2[1:]}", c1 + c2))
@@ -149,36 +171,6 @@ class HermesFormat(PromptFormat):
 # --- FunctionGemma (native declarations, <start_function_call>) ---------------------------------------------------
 
 
-def _fg_value(value: Any) -> str:
-    if isinstance(value, str):
-        return f"<escape>{value}<escape>"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_fg_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(_fg_value(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-def _fg_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """JSON schema with FunctionGemma's upper-case type names."""
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key == "type" and isinstance(value, str):
-            out[key] = value.upper()
-        elif key == "properties" and isinstance(value, dict):
-            out[key] = {k: _fg_schema(v) for k, v in value.items()}
-        elif isinstance(value, dict):
-            out[key] = _fg_schema(value)
-        else:
-            out[key] = value
-    return out
-
-
-def functiongemma_declaration(tool: ToolSpec) -> str:
-    body = {"description": tool.description, "parameters": _fg_schema(tool.parameters)}
-    return f"<start_function_declaration>declaration:{tool.name}{_fg_value(body)}<end_function_declaration>"
-
-
 @dataclass
 class FunctionGemmaFormat(PromptFormat):
     family: str = "functiongemma"
@@ -187,11 +179,11 @@ class FunctionGemmaFormat(PromptFormat):
         str_open="<escape>", str_close="<escape>", args_close="}<end_function_call>",
         call_sep="<start_function_call>", calls_end=("<end_of_turn>", "<start_function_response>"),
         opener_is_choice=True,
-        call_starts=("<start_function_call>",),
+        call_starts=("<start_function_call>",), json_values=False,
     ))
 
     def prefix(self, tools: list[ToolSpec]) -> str:
-        decls = "".join(functiongemma_declaration(t) for t in tools)
+        decls = "".join(render_declaration(t) for t in tools)
         return (
             "<bos><start_of_turn>developer\nYou are a model that can do function calling with the following "
             f"functions{decls}<end_of_turn>\n<start_of_turn>user\n"
