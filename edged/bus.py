@@ -54,6 +54,7 @@ class MqttBus:
         )
         self.online_payload: Callable[[], dict[str, Any]] = lambda: {"state": "online"}
         self.connects = 0
+        self._pending_sub: tuple[int | None, list[str]] = (-1, [])
         self._client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -90,6 +91,7 @@ class MqttBus:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -135,15 +137,29 @@ class MqttBus:
             self.connects += 1
             names = [self.cmd_topic] + ([self.shared_topic] if self.shared_topic else [])
             if self._v5:
-                client.subscribe([(name, SubscribeOptions(qos=1)) for name in names])
+                _, mid = client.subscribe([(name, SubscribeOptions(qos=1)) for name in names])
             else:
-                client.subscribe([(name, 1) for name in names])
+                _, mid = client.subscribe([(name, 1) for name in names])
+            self._pending_sub = (mid, names)
             self.publish_json(self.status_topic, self.online_payload(), retain=True)
-            self.connected.set()
             log.info("mqtt_connected", host=self.config.mqtt.host, port=self.config.mqtt.port,
                      session_present=bool(getattr(flags, "session_present", False)), topics=names)
+            # `connected` (and so READY=1) waits for the SUBACK: until then commands sent to us could be lost
         except Exception:
             log.exception("on_connect_failed")
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        try:
+            expected, names = self._pending_sub
+            if mid != expected:
+                return
+            refused = [name for name, rc in zip(names, reasons, strict=False) if rc.is_failure]
+            if refused:
+                log.error("mqtt_subscribe_refused", topics=refused,
+                          reasons=[str(rc) for rc in reasons if rc.is_failure])
+            self.connected.set()
+        except Exception:
+            log.exception("on_subscribe_failed")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.connected.clear()
