@@ -108,8 +108,14 @@ def test_sigterm_with_commands_in_flight_answers_them_and_loses_none(daemon, dae
     answered_first = {e["request_id"] for e in daemon.logs() if e.get("event") == "answered"}
     assert not [e for e in daemon.logs() if e.get("event") == "shutdown_left_commands"]
     # everything the stopped daemon took, it answered before it went
-    time.sleep(0.3)
-    got_first = {m.properties.CorrelationData.decode() for m in replies.messages}
+    def got() -> set[str]:
+        return {m.properties.CorrelationData.decode() for m in list(replies.messages)}
+
+    try:
+        replies.wait_for(lambda m: answered_first <= got(), timeout=5)
+    except TimeoutError:
+        pass
+    got_first = got()
     assert answered_first <= got_first, sorted(answered_first - got_first)[:5]
     assert 0 < len(got_first) <= n
 
