@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     INVALID_ARGUMENTS = "invalid_arguments"
     TOOL_FAILED = "tool_failed"
     TOOL_TIMEOUT = "tool_timeout"
+    DEVICE_TIMEOUT = "device_timeout"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     EXPIRED = "expired"
     NO_MODEL = "no_model"
