@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import Config
+from edged.subscriptions import Subscriptions
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,9 @@ class MqttBus:
         self.online_payload: Callable[[], dict[str, Any]] = lambda: {"state": "online"}
         self.connects = 0
         self._pending_sub: tuple[int | None, list[str]] = (-1, [])
+        # extra filters (triggers, device confirmations, HA birth), delivered off the network thread
+        self.subscriptions = Subscriptions()
+        self._command_topics = {self.cmd_topic, f"{config.mqtt.prefix}/pool/cmd" if self.shared_topic else ""}
         self._client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -136,11 +140,14 @@ class MqttBus:
                 return
             self.connects += 1
             names = [self.cmd_topic] + ([self.shared_topic] if self.shared_topic else [])
+            subs = [(name, 1) for name in names] + self.subscriptions.filters()
+            names = [name for name, _ in subs]
             if self._v5:
-                _, mid = client.subscribe([(name, SubscribeOptions(qos=1)) for name in names])
+                _, mid = client.subscribe([(name, SubscribeOptions(qos=qos)) for name, qos in subs])
             else:
-                _, mid = client.subscribe([(name, 1) for name in names])
+                _, mid = client.subscribe(subs)
             self._pending_sub = (mid, names)
+            self.subscriptions.connected()
             self.publish_json(self.status_topic, self.online_payload(), retain=True)
             log.info("mqtt_connected", host=self.config.mqtt.host, port=self.config.mqtt.port,
                      session_present=bool(getattr(flags, "session_present", False)), topics=names)
@@ -167,6 +174,11 @@ class MqttBus:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
+            if msg.topic not in self._command_topics and self.subscriptions.offer(
+                msg.topic, bytes(msg.payload), bool(msg.retain)
+            ):
+                self.ack(msg.mid, msg.qos)  # not a command: at most once is the contract for these
+                return
             response_topic = correlation = None
             if self._v5 and msg.properties is not None:
                 response_topic = getattr(msg.properties, "ResponseTopic", None)
