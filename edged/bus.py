@@ -55,6 +55,7 @@ class MqttBus:
         )
         self.online_payload: Callable[[], dict[str, Any]] = lambda: {"state": "online"}
         self.connects = 0
+        self.workers = 2  # the dispatcher's worker threads (it sets this); see receive_maximum()
         self._pending_sub: tuple[int | None, list[str]] = (-1, [])
         # extra filters (triggers, device confirmations, HA birth), delivered off the network thread
         self.subscriptions = Subscriptions()
@@ -100,12 +101,30 @@ class MqttBus:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
+    def receive_maximum(self) -> int:
+        """How many unacknowledged commands the broker may push to us at once (MQTT v5 Receive Maximum).
+
+        Derived (`[mqtt] receive_maximum = 0`): the queue plus one per worker, i.e. exactly what the daemon can
+        hold. A backlog (say, thousands of commands queued while the device was down) then waits at the broker,
+        which feeds us as we acknowledge, instead of overflowing the queue into a flood of 'busy' results. With
+        a shared subscription the broker also steers the excess to the devices that have room.
+
+        The trade-off: 'busy' now only happens when the broker sends more than this (a larger configured
+        value, or an MQTT 3.1.1 connection, where there is no Receive Maximum and mosquitto's own
+        `max_inflight_messages`, 20 by default, applies). Past that, true overload shows up at the broker: its
+        per-client queue (`max_queued_messages`) fills and it drops the excess, and commands carrying a Message
+        Expiry go stale there. A client that needs an immediate 'busy' rather than waiting sets a larger
+        receive_maximum on the device (the broker pushes everything, the daemon answers 'busy' past its queue).
+        """
+        return self.config.mqtt.receive_maximum or min(65535, self.config.limits.queue_size + self.workers)
+
     def start(self) -> None:
         cfg = self.config.mqtt
         props = None
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = cfg.session_expiry_s
+            props.ReceiveMaximum = self.receive_maximum()
         self._client.connect_async(
             cfg.host,
             cfg.port,

@@ -79,6 +79,14 @@ class MqttConfig(_Section):
     max_payload_bytes: int = Field(
         65536, description="Commands larger than this are refused with 'payload_too_large'.", ge=256, le=16 << 20
     )
+    receive_maximum: int = Field(
+        0,
+        description="MQTT v5 Receive Maximum: commands the broker may have in flight to us at once; the rest wait "
+        "at the broker. 0 = [limits] queue_size + worker threads, so a backlog is held by the broker, not "
+        "answered 'busy'. A larger value lets overload reach the daemon and be answered 'busy' at once.",
+        ge=0,
+        le=65535,
+    )
 
     def resolved_password(self) -> SecretStr | None:
         """The password from password_file, $CREDENTIALS_DIRECTORY, or the inline value, in that order."""
@@ -158,6 +166,11 @@ class ToolsConfig(_Section):
         None, description="JSON list of contacts for search_contacts; default a small built-in list."
     )
     timeout_s: float = Field(5.0, description="Default timeout of one tool call.", gt=0, le=600)
+    enable_debug_tools: bool = Field(
+        False,
+        description="Register fault-injection tools (debug_sleep: blocks a worker like a stuck inference). "
+        "For tests only; never on a production device.",
+    )
 
 
 class StateConfig(_Section):

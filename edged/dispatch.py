@@ -19,6 +19,7 @@ from edged.bus import Inbound, MqttBus
 from edged.pipeline import Pipeline
 from edged.protocol import Command, DecodeError, ErrorCode, Result, decode_command
 from edged.telemetry import Metrics
+from edged.tiers import ReplyAddress
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +48,7 @@ class Dispatcher:
         self._threads = [threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True) for i in range(workers)]
         # per worker: monotonic time its current request must be done by (None when idle); the watchdog reads it
         self.busy_until: dict[str, float | None] = {t.name: None for t in self._threads}
+        bus.workers = workers  # with the queue, this sets the Receive Maximum the bus asks of the broker
 
     # -- network thread -----------------------------------------------------------------------------------------
 
@@ -132,10 +134,16 @@ class Dispatcher:
             # at least once, like the commands.
             payload, published = prior
             log.info("redelivered", already_published=published, dup=inbound.dup)
+            if published and inbound.dup:
+                # the broker's own redelivery (DUP) of a command whose result it already holds: we died or lost
+                # the connection between its PUBACK and our ack. Sending it again would answer it twice.
+                if work.generation == self.bus.connects:
+                    self.bus.ack(inbound.mid, inbound.qos)
+                return
             self._deliver(work, topic, corr, payload, key)
             return
         self.busy_until[worker] = self.pipeline.deadline_for(command, inbound.received) + 5.0
-        result = self.pipeline.handle(command, inbound.received)
+        result = self.pipeline.handle(command, inbound.received, ReplyAddress(topic, corr))
         self.busy_until[worker] = None
         payload = result.to_json()
         self.store.put(key, payload)

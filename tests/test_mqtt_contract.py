@@ -202,7 +202,9 @@ def test_telemetry_has_real_figures(daemon, client, listen) -> None:
 # -- load: busy ---------------------------------------------------------------------------------------------------
 
 def test_busy_when_the_queue_is_full(daemon_factory, client) -> None:
-    daemon_factory.make("dev1", EDGED_LIMITS__QUEUE_SIZE="1", EDGED_LIMITS__RETRY_AFTER_MS="250")
+    # the derived Receive Maximum (queue + workers) would keep the burst at the broker: let it all reach the daemon
+    daemon_factory.make("dev1", EDGED_LIMITS__QUEUE_SIZE="1", EDGED_LIMITS__RETRY_AFTER_MS="250",
+                        EDGED_MQTT__RECEIVE_MAXIMUM="65535")
     n = 300
     corrs = {client.send("dev1", {"id": f"b{i}", "call": ADD}): f"b{i}" for i in range(n)}
     results = {cid: client.wait(corr, timeout=30) for corr, cid in corrs.items()}

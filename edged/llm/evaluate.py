@@ -97,8 +97,7 @@ def evaluate(pipeline: Pipeline, cases: Path, out: Path | None) -> Scores:
             result = pipeline.handle(command, t0)
             latency = round((time.monotonic() - t0) * 1000, 3)
             calls = [{"name": c.name, "arguments": c.arguments} for c in result.calls]
-            escalated = bool(result.escalations) or (result.error is not None and result.error.code in (
-                "needs_reasoning",))
+            escalated = bool(result.escalations)
             scores.add(case.get("expected"), calls, escalated, latency)
             if sink:
                 sink.write(json.dumps({"id": command.id, "calls": calls, "tier": result.tier, "escalated": escalated,

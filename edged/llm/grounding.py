@@ -14,7 +14,7 @@ _STOP = {"the", "a", "an", "of", "in", "at", "on", "for", "to", "me", "my"}
 
 
 def _norm(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower().replace("'s", "")))
+    return " ".join(_WORD.findall(text.lower().replace("'s", "").replace("_", " ")))
 
 
 def value_grounded(value: Any, query: str) -> bool:
@@ -35,10 +35,10 @@ def value_grounded(value: Any, query: str) -> bool:
     return True
 
 
-def ungrounded_arguments(call: ProposedCall, query: str, free_form: set[str] | None = None) -> list[str]:
-    """Names of the call's arguments whose values the request does not contain."""
+def ungrounded_arguments(call: ProposedCall, query: str, exempt: set[str] | None = None) -> list[str]:
+    """Names of the call's arguments (other than `exempt` ones) whose values the request does not contain."""
     return [k for k, v in call.arguments.items()
-            if (free_form is None or k not in free_form) and not value_grounded(v, query)]
+            if (exempt is None or k not in exempt) and not value_grounded(v, query)]
 
 
 def looks_compound(query: str) -> bool:
