@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 ENV_PREFIX = "EDGED_"
@@ -124,12 +124,27 @@ class ModelsConfig(_Section):
     min_confidence: float = Field(
         0.0, description="Below this confidence in its tool choice the router hands over (escalates).", ge=0, le=1
     )
+    check_grounding: bool = Field(
+        True, description="Escalate when a tier-1 call has a free-text value the request never mentioned."
+    )
     verify: bool = Field(True, description="Check each file's sha256 (cached by size and mtime) before loading.")
 
     @field_validator("router", "thinker", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", "none") else value
+
+
+class ThinkerConfig(_Section):
+    max_steps: int = Field(4, description="Tool-calling rounds per request before tier 2 gives up.", ge=1, le=16)
+    max_tokens: int = Field(384, description="Tokens tier 2 may generate per request (thinking included).",
+                            ge=16, le=8192)
+    enable_thinking: bool = Field(False, description="Qwen3 thinking mode by default (commands may override).")
+    temperature: float | None = Field(
+        None, description="Sampling temperature; unset = Qwen3's recommendation (0.6 thinking, 0.7 otherwise).",
+        ge=0, le=2,
+    )
+    seed: int = Field(-1, description="Sampling seed; -1 = random.", ge=-1, le=2**31 - 1)
 
 
 class RemoteConfig(_Section):
@@ -187,16 +202,110 @@ class LogConfig(_Section):
     )
 
 
+class MqttToolConfig(_Section):
+    name: str = Field(description="Tool name as models and clients see it.", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    description: str = Field(description="What the tool does, for the models.", min_length=1, max_length=1000)
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="JSON schema of the arguments (object of string/integer/number/boolean properties, enums).",
+    )
+    topic: str = Field(
+        description="Topic template, e.g. 'zigbee2mqtt/{room}_light/set'; arguments may not hold '/', '+', '#'.",
+        min_length=1,
+    )
+    payload: Any = Field(
+        None,
+        description="Payload template: a JSON value whose strings may hold {arg}; a string exactly '{arg}' "
+        "becomes the argument's JSON value. A top-level string is sent as plain text. Default: the arguments.",
+    )
+    qos: Literal[0, 1] = Field(1, description="QoS of the command message.")
+    retain: bool = Field(False, description="Publish the command retained.")
+    confirm_topic: str | None = Field(
+        None, description="Topic template on which the device publishes its new state; unset = no confirmation."
+    )
+    confirm_match: dict[str, Any] | None = Field(
+        None, description="Fields (templates) the confirmation's JSON must hold, e.g. {state = '{state}'}."
+    )
+    confirm_timeout_s: float = Field(3.0, description="Wait this long for the confirmation.", gt=0, le=300)
+    examples: list[dict[str, Any]] = Field(
+        default_factory=list, description="Few-shot examples for untrained models: {request, arguments} tables."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MqttToolConfig:
+        from edged.tools.mqtt_tools import check_tool_config
+
+        check_tool_config(self)
+        return self
+
+
+class TriggerCondition(_Section):
+    field: str = Field(description="Dotted path of a field of the JSON payload, e.g. 'temperature'.", min_length=1)
+    op: Literal["==", "!=", ">", ">=", "<", "<="] = Field("==", description="Comparison.")
+    value: str | float | bool = Field(description="Value to compare the field with.")
+
+
+class TriggerCall(_Section):
+    name: str = Field(description="Tool to call.", min_length=1, max_length=128)
+    arguments: dict[str, Any] = Field(
+        default_factory=dict, description="Argument templates ({topic}, {payload}, {topic.N}, JSON fields)."
+    )
+
+
+class TriggerConfig(_Section):
+    name: str = Field(description="Trigger name (logs, telemetry, result topic).", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    topic: str = Field(description="Topic filter to subscribe, e.g. 'sensors/+/temperature'.", min_length=1)
+    query: str | None = Field(
+        None, description="Request template run through the models: {topic}, {payload}, {topic.N}, JSON fields."
+    )
+    call: TriggerCall | None = Field(None, description="A direct tool call instead of a query (no model).")
+    when: TriggerCondition | None = Field(None, description="Run only when this holds for the JSON payload.")
+    debounce_s: float = Field(
+        30.0, description="After a run, ignore further matching messages for this long.", ge=0, le=86400
+    )
+    rate_per_min: float = Field(6.0, description="Sustained runs per minute (token bucket).", gt=0, le=6000)
+    burst: int = Field(3, description="Runs allowed back to back (token bucket size).", ge=1, le=1000)
+    qos: Literal[0, 1] = Field(0, description="QoS of the subscription.")
+    ignore_retained: bool = Field(True, description="Skip retained (stale) readings delivered at subscribe time.")
+    result_topic: str | None = Field(
+        None, description="Where results go; default <prefix>/<device>/triggers/<name>.", pattern=r"^[^+#\x00]+$"
+    )
+    deadline_ms: int | None = Field(None, description="Deadline of each run; default [limits] deadline_ms.", ge=10)
+
+    @model_validator(mode="after")
+    def _check(self) -> TriggerConfig:
+        from edged.triggers import check_trigger_config
+
+        check_trigger_config(self)
+        return self
+
+
+class HomeAssistantConfig(_Section):
+    enabled: bool = Field(False, description="Publish Home Assistant MQTT discovery configs for this device.")
+    discovery_prefix: str = Field(
+        "homeassistant", description="Home Assistant's discovery prefix.", pattern=r"^[^/+#]+$"
+    )
+    node_id: str | None = Field(
+        None, description="Node id in discovery topics; default the device id.", pattern=r"^[A-Za-z0-9_-]+$"
+    )
+
+
 class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="This device.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Local GGUF models.")
+    thinker: ThinkerConfig = Field(default_factory=ThinkerConfig, description="Tier-2 thinker.")
     remote: RemoteConfig = Field(default_factory=RemoteConfig, description="Tier-3 remote node.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Queues, deadlines, shutdown.")
     tools: ToolsConfig = Field(default_factory=ToolsConfig, description="Tools.")
     state: StateConfig = Field(default_factory=StateConfig, description="State directory.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    mqtt_tools: list[MqttToolConfig] = Field(default_factory=list, description="Tools that act over MQTT.")
+    triggers: list[TriggerConfig] = Field(default_factory=list, description="Sensor messages that start requests.")
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery."
+    )
 
     @property
     def client_id(self) -> str:

@@ -20,12 +20,15 @@ from edged import __version__
 from edged.answered import AnsweredStore
 from edged.bus import MqttBus
 from edged.config import Config
+from edged.discovery import Discovery
 from edged.dispatch import Dispatcher
 from edged.models_runtime import LoadedModels, load_models
 from edged.pipeline import Pipeline
 from edged.telemetry import Metrics, ResourceSampler
 from edged.tools.builtin import builtin_tools
+from edged.tools.mqtt_tools import build_mqtt_tools
 from edged.tools.registry import ToolRegistry
+from edged.triggers import TriggerManager
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +54,10 @@ class Daemon:
         self.store = AnsweredStore(config.state.dir / "answered.sqlite3", config.limits.answered_cache)
         self.bus = MqttBus(config, self._on_inbound)
         self.bus.online_payload = self.status_payload
+        # home automation: config-declared MQTT tools, sensor triggers, Home Assistant discovery
+        self.registry.register_all(build_mqtt_tools(config.mqtt_tools, self.bus, self.bus.subscriptions))
+        self.triggers = TriggerManager(config, self.pipeline, self.bus, self.metrics, self.bus.subscriptions)
+        self.discovery = Discovery(config, self.bus, self.bus.subscriptions) if config.homeassistant.enabled else None
         self.dispatcher = Dispatcher(
             self.bus, self.pipeline, self.store, self.metrics,
             queue_size=config.limits.queue_size, max_payload=config.mqtt.max_payload_bytes,
@@ -90,6 +97,7 @@ class Daemon:
             "queue": {"depth": self.dispatcher.queue.qsize(), "capacity": self.dispatcher.queue.maxsize},
             "models": self.models.stats(),
             "mqtt": {"connected": self.bus.connected.is_set(), "connects": self.bus.connects},
+            "triggers": self.triggers.stats(),
         }
 
     # -- signals ----------------------------------------------------------------------------------------------------
@@ -119,6 +127,8 @@ class Daemon:
             warm(self.pipeline.tool_specs())
         self.dispatcher.start()
         self.notify(f"STATUS=connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
+        self.triggers.start()
+        self.bus.subscriptions.start()
         self.bus.start()
         while not self.bus.connected.wait(0.2):
             if self.stopping.is_set():
@@ -152,7 +162,10 @@ class Daemon:
                 next_telemetry = now + self.config.telemetry.interval_s
                 if self.bus.connected.is_set():
                     try:
-                        self.bus.publish_json(self.bus.telemetry_topic, self.telemetry_payload(), qos=0)
+                        telemetry = self.telemetry_payload()
+                        self.bus.publish_json(self.bus.telemetry_topic, telemetry, qos=0)
+                        if self.discovery is not None:
+                            self.discovery.publish_state(telemetry)
                     except Exception:
                         log.exception("telemetry_failed")
             if now >= next_status:
@@ -167,6 +180,8 @@ class Daemon:
         finished = self.dispatcher.drain(grace)
         if not finished:
             log.warning("shutdown_left_commands", note="unacknowledged: the broker redelivers them after restart")
+        self.triggers.stop()
+        self.bus.subscriptions.stop()
         self.bus.stop(self.status_payload("stopped"))
         self.registry.shutdown()
         self.models.close()
