@@ -61,6 +61,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0 if result.get("status") in ("ok", "queued", "degraded") else 1
 
 
+def cmd_ha_remove(args: argparse.Namespace) -> int:
+    from edged.discovery import config_topics, remove
+
+    config = _load(args.config)
+    sent = remove(config)
+    print(f"cleared {sent} of {len(config_topics(config))} Home Assistant discovery configs of {config.device.id}")
+    return 0 if sent == len(config_topics(config)) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the result")
     ask.add_argument("--config", type=Path, default=None)
     ask.set_defaults(func=cmd_ask)
+
+    ha_remove = sub.add_parser("ha-remove", help="remove this device from Home Assistant (empty retained configs)")
+    ha_remove.add_argument("--config", type=Path, default=None)
+    ha_remove.set_defaults(func=cmd_ha_remove)
 
     try:
         from edged.llm.cli import add_model_commands
