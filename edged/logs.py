@@ -8,6 +8,26 @@ import sys
 import structlog
 
 
+class SafePrintLogger(structlog.PrintLogger):
+    """A PrintLogger whose failed writes are counted and dropped, never raised.
+
+    With the log on a full disk (or a file over RLIMIT_FSIZE, or a closed pipe), print() raises OSError inside
+    whatever called log.info(): a worker answering a command, or the `except` block handling an earlier error,
+    and the exception escaping from there killed the worker thread. Losing log lines is better than losing the
+    daemon; `dropped` says how many went.
+    """
+
+    dropped = 0
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):  # ValueError: write to a closed file
+            SafePrintLogger.dropped += 1
+
+    log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
@@ -23,6 +43,6 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: SafePrintLogger(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
