@@ -49,6 +49,11 @@ class Daemon:
         self.metrics = Metrics()
         self.registry = ToolRegistry(allow=frozenset(config.tools.allow) if config.tools.allow is not None else None)
         self.registry.register_all(builtin_tools(config.tools.contacts_file, config.tools.timeout_s))
+        if config.tools.enable_debug_tools:  # tests only: see edged/tools/debug.py
+            from edged.tools.debug import debug_tools
+
+            self.registry.register_all(debug_tools())
+            log.warning("debug_tools_enabled", tools=[t.name for t in debug_tools()])
         self.models = LoadedModels()
         self.pipeline = Pipeline(self.registry, config.device.id, config.limits.deadline_ms)
         self.store = AnsweredStore(config.state.dir / "answered.sqlite3", config.limits.answered_cache)

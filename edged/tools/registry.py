@@ -48,6 +48,7 @@ class Tool:
     func: Callable[[Any], Any]
     timeout_s: float = 5.0
     examples: tuple[tuple[str, dict[str, Any]], ...] = ()  # (request, arguments): few-shot for untrained models
+    blocking: bool = False  # run on the caller's (worker's) thread with no timeout: only tools/debug.py does
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -112,6 +113,8 @@ class ToolRegistry:
         tool = self.get(name)
         args = tool.validate(arguments)
         limit = min(tool.timeout_s, timeout_s) if timeout_s is not None else tool.timeout_s
+        if tool.blocking:
+            return tool.func(args)
         future = self._pool.submit(tool.func, args)
         try:
             return future.result(timeout=max(limit, 0.001))
