@@ -157,6 +157,20 @@ class RemoteConfig(_Section):
     on_offline: Literal["fallback", "queue"] = Field(
         "fallback", description="What to do with a tier-3 request while the node is unreachable."
     )
+    ca_file: Path | None = Field(None, description="CA bundle that signed an https node's certificate.")
+    max_steps: int = Field(4, description="Model turns per request (tool calls, then the answer).", ge=1, le=16)
+    max_tokens: int = Field(512, description="Tokens the node may generate per turn.", ge=16, le=32768)
+    temperature: float = Field(0.7, description="Sampling temperature sent to the node.", ge=0, le=2)
+    failure_threshold: int = Field(
+        3, description="Consecutive failures (probes or requests) that open the circuit breaker.", ge=1, le=100
+    )
+    probe_interval_s: float = Field(
+        15.0, description="Seconds between health probes (GET <url>/models) while the node is up.", ge=0.5, le=3600
+    )
+    backoff_max_s: float = Field(
+        60.0, description="Largest delay between probes while the node is down (exponential backoff).", ge=0.5,
+        le=3600,
+    )
 
 
 class TelemetryConfig(_Section):
