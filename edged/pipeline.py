@@ -201,6 +201,41 @@ class Pipeline:
                 return Result(id=command.id, status="queued", tier=3, escalations=escalations, timings_ms=timings)
         return self._fallback(command, escalations, timings, best_local, remote is not None)
 
+    def run_queued(self, command_json: str, deadline: float) -> Result:
+        """Tier 3 for a command from the outbox (its tiers 1-2 ran when it came in). `deadline`: time.monotonic().
+
+        When the node could not be reached the result is an error whose last escalation is
+        {"from": 3, "reason": "unreachable"}: the outbox keeps the command and tries again later.
+        """
+        received = time.monotonic()
+        try:
+            command = command_from_json(command_json)
+        except ValueError as exc:
+            return Result.failure(None, ErrorCode.BAD_COMMAND, f"stored command is not valid: {exc}")
+        escalations: list[dict[str, Any]] = [{"from": 0, "reason": "outbox"}]
+        timings: dict[str, float] = {}
+        if self.remote is None or command.query is None:
+            result = Result.failure(command.id, ErrorCode.NEEDS_REASONING, "tier 3 is not configured")
+        else:
+            client_tools = command.tools is not None
+            try:
+                specs = [ToolSpec.from_openai(t) for t in command.tools or []] if client_tools else self.tool_specs()
+            except (KeyError, TypeError, AttributeError) as exc:
+                return Result.failure(command.id, ErrorCode.BAD_COMMAND, f"invalid tool schema in 'tools': {exc}")
+            execute: Executor | None = None if client_tools else (lambda n, a: self._execute(n, a, deadline))
+            conversation = Conversation(command.query, specs, execute, deadline, command.enable_thinking)
+            answer = self._run_tier(self.remote, conversation, timings, "remote")
+            if answer.gave_up is None:
+                result = self._tier_result(command, 3, answer, escalations, timings)
+            else:
+                self._escalate(escalations, 3, answer.gave_up)
+                result = Result.failure(command.id, ErrorCode.NEEDS_REASONING,
+                                        f"tier 3 could not answer: {answer.gave_up}")
+                result.tier, result.escalations, result.timings_ms = 3, escalations, timings
+        result.device = self.device_id
+        result.timings_ms["total"] = round((time.monotonic() - received) * 1000, 3)
+        return result
+
     @staticmethod
     def _fallback(command: Command, escalations: list[dict[str, Any]], timings: dict[str, float],
                   best_local: Result | None, had_remote: bool) -> Result:
