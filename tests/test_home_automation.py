@@ -169,6 +169,18 @@ def test_config_file_is_valid() -> None:
     assert [t.name for t in config.mqtt_tools] == ["set_light", "tasmota_power", "show_text"]
 
 
+def test_readme_and_example_configs_are_valid() -> None:
+    import tomllib
+
+    section = (REPO / "README.md").read_text().split("## Home automation", 1)[1]
+    config = Config.model_validate(tomllib.loads(section.split("```toml", 1)[1].split("```", 1)[0]))
+    assert len(config.mqtt_tools) == 2 and len(config.triggers) == 1 and config.homeassistant.enabled
+    example = (REPO / "systemd" / "edged.toml.example").read_text().split("# Home automation", 1)[1]
+    uncommented = "\n".join(line.removeprefix("# ") for line in example.splitlines()[1:] if line.startswith("# "))
+    config = Config.model_validate(tomllib.loads(uncommented))
+    assert config.mqtt_tools[0].name == "set_light" and config.triggers[0].call is not None
+
+
 def test_direct_call_switches_the_light_and_returns_its_confirmed_state(home, lights, client, listen) -> None:
     status = listen("edged/dev1/status")
     home()
