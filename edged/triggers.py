@@ -159,6 +159,7 @@ class TriggerManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._own_prefix = config.topic("")  # our own results never trigger us (no loops through a wide filter)
         for cfg in config.triggers:
             trigger = Trigger(cfg, cfg.result_topic or config.topic(f"triggers/{cfg.name}"),
                               TokenBucket(cfg.rate_per_min / 60.0, cfg.burst))
@@ -174,7 +175,7 @@ class TriggerManager:
         cfg, stats = trigger.cfg, trigger.stats
         with self._lock:
             stats.messages += 1
-            if msg.retain and cfg.ignore_retained:
+            if (msg.retain and cfg.ignore_retained) or msg.topic.startswith(self._own_prefix):
                 stats.skipped += 1
                 return
             if cfg.when is not None:
