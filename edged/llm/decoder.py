@@ -53,7 +53,8 @@ class CallDecoder:
     """Decodes calls for one request; holds the engine lock's owner's state for that request only."""
 
     def __init__(self, engine: Engine, fmt: PromptFormat, *, copy_bias: float = 2.5, max_calls: int = 4,
-                 max_string_tokens: int = 24) -> None:
+                 max_string_tokens: int = 24, speculative: bool = True) -> None:
+        self.speculative = speculative
         self.engine = engine
         self.fmt = fmt
         self.syntax: CallSyntax = fmt.syntax
@@ -267,7 +268,7 @@ class CallDecoder:
             self.out.confidence = p_call
         self._force(syntax.opener)
         names = list(by_name) + ([] if syntax.opener_is_choice else [NONE_TOOL])
-        compound = looks_compound(query)
+        compound = self.speculative and looks_compound(query)
         for n in range(self.max_calls):
             if n > 0:
                 if not compound:

@@ -44,3 +44,17 @@ def ungrounded_arguments(call: ProposedCall, query: str, exempt: set[str] | None
 def looks_compound(query: str) -> bool:
     """A request that may need more than one call ("... and ...")."""
     return bool(_COMPOUND.search(query))
+
+
+_FILLER = {"what", "which", "that", "this", "then", "tell", "please", "with", "from", "your", "have", "does",
+           "give", "show", "current", "return", "given", "their", "there", "about", "into", "when", "where"}
+
+
+def _stems(text: str) -> set[str]:
+    words = re.findall(r"[a-z]+", text.lower().replace("_", " "))
+    return {w.rstrip("s") for w in words if len(w) >= 4 and w not in _FILLER}
+
+
+def relevant(tool_name: str, tool_description: str, query: str) -> bool:
+    """Does the request mention what the tool is about? Used to stop a chain of calls that drifts off topic."""
+    return bool(_stems(tool_name + " " + tool_description) & _stems(query))

@@ -1,4 +1,4 @@
-"""From a config's model spec (a manifest name or a .gguf path) to a verified, loaded, ready router."""
+"""From a config's model spec (a manifest name or a .gguf path) to a verified, loaded router or thinker."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from edged.llm.files import verify_file
 from edged.llm.formats import choose_format
 from edged.llm.manifest import ModelEntry, load_manifest
 from edged.llm.router import LocalRouter
+from edged.llm.thinker import Thinker
+
+Built = tuple[Any, dict[str, Any], Callable[[], None], Callable[[], dict[str, Any]]]
 
 
 def resolve(config: Config, spec: str) -> tuple[Path, ModelEntry | None]:
@@ -24,16 +27,28 @@ def resolve(config: Config, spec: str) -> tuple[Path, ModelEntry | None]:
     return config.models_dir / entry.file, entry
 
 
-def build_router(config: Config, spec: str) -> tuple[LocalRouter, dict[str, Any], Callable[[], None],
-                                                      Callable[[], dict[str, Any]]]:
+def load_engine(config: Config, spec: str) -> tuple[Engine, ModelEntry | None, dict[str, Any]]:
+    """Verify the file (sha256, cached by size and mtime) before llama.cpp ever sees it, then load it."""
     path, entry = resolve(config, spec)
     sha256 = verify_file(path, entry) if config.models.verify else None
     engine = Engine(path, n_ctx=config.models.n_ctx, n_threads=config.models.n_threads,
                     n_gpu_layers=config.models.n_gpu_layers)
-    family = config.models.router_format or (entry.family if entry else None)
-    fmt = choose_format(family, engine.metadata, path.name)
-    router = LocalRouter(engine, fmt, name=entry.name if entry else path.name,
-                         min_confidence=config.models.min_confidence)
-    info = {"model": router.name, "file": str(path), "format": fmt.family, "sha256": sha256,
+    info = {"model": entry.name if entry else path.name, "file": str(path), "sha256": sha256,
             "load_s": round(engine.load_s, 3)}
-    return router, info, engine.close, engine.stats
+    return engine, entry, info
+
+
+def build_router(config: Config, spec: str, engine: Engine | None = None) -> Built:
+    loaded, entry, info = load_engine(config, spec) if engine is None else (engine, None, {"model": spec})
+    family = config.models.router_format or (entry.family if entry else None)
+    fmt = choose_format(family, loaded.metadata, loaded.path.name)
+    router = LocalRouter(loaded, fmt, name=str(info["model"]), min_confidence=config.models.min_confidence)
+    return router, {**info, "format": fmt.family}, loaded.close, loaded.stats
+
+
+def build_thinker(config: Config, spec: str, engine: Engine | None = None) -> Built:
+    loaded, _entry, info = load_engine(config, spec) if engine is None else (engine, None, {"model": spec})
+    t = config.thinker
+    thinker = Thinker(loaded, name=str(info["model"]), max_steps=t.max_steps, max_tokens=t.max_tokens,
+                      enable_thinking=t.enable_thinking, temperature=t.temperature, seed=t.seed)
+    return thinker, {**info, "thinking": thinker.can_think}, loaded.close, loaded.stats
