@@ -22,6 +22,7 @@ from edged.bus import MqttBus
 from edged.config import Config
 from edged.discovery import Discovery
 from edged.dispatch import Dispatcher
+from edged.escalation import EscalationPolicy
 from edged.models_runtime import LoadedModels, load_models
 from edged.pipeline import Pipeline
 from edged.telemetry import Metrics, ResourceSampler
@@ -55,7 +56,11 @@ class Daemon:
             self.registry.register_all(debug_tools())
             log.warning("debug_tools_enabled", tools=[t.name for t in debug_tools()])
         self.models = LoadedModels()
-        self.pipeline = Pipeline(self.registry, config.device.id, config.limits.deadline_ms)
+        self.pipeline = Pipeline(
+            self.registry, config.device.id, config.limits.deadline_ms, metrics=self.metrics,
+            on_offline=config.remote.on_offline,
+            policy=EscalationPolicy(config.models.min_confidence, config.models.check_grounding),
+        )
         self.store = AnsweredStore(config.state.dir / "answered.sqlite3", config.limits.answered_cache)
         self.bus = MqttBus(config, self._on_inbound)
         self.bus.online_payload = self.status_payload
@@ -126,6 +131,7 @@ class Daemon:
         self.models = load_models(self.config, on_progress=lambda msg: self.notify("EXTEND_TIMEOUT_USEC=60000000",
                                                                                      f"STATUS={msg}"))
         self.pipeline.router = self.models.router
+        self.pipeline.thinker = self.models.thinker
         warm = getattr(self.models.router, "warm", None)
         if warm is not None:
             self.notify("STATUS=warming the router's prompt cache")
