@@ -67,6 +67,7 @@ class SqliteOutbox:
         dropped = self._db.execute("DELETE FROM outbox WHERE state=?", (PUBLISHED,)).rowcount
         if dropped:
             log.info("outbox_dropped_published", rows=dropped)
+        self._closed_depth: int | None = None  # depth when closed (status after shutdown)
         self.stored = 0  # counters since start, for telemetry
         self.answered = 0
         self.expired = 0
@@ -91,6 +92,8 @@ class SqliteOutbox:
     def depth(self) -> int:
         """Commands not yet answered to the broker's satisfaction."""
         with self._lock:
+            if self._closed_depth is not None:
+                return self._closed_depth
             return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE state != ?", (PUBLISHED,)).fetchone()[0])
 
     def rows(self, limit: int = 100) -> list[OutboxRow]:
@@ -133,7 +136,9 @@ class SqliteOutbox:
         }
 
     def close(self) -> None:
+        depth = self.depth()
         with self._lock:
+            self._closed_depth = depth
             self._db.close()
 
 
@@ -183,6 +188,9 @@ class OutboxWorker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -25,6 +25,7 @@ from edged.dispatch import Dispatcher
 from edged.escalation import EscalationPolicy
 from edged.models_runtime import LoadedModels, load_models
 from edged.pipeline import Pipeline
+from edged.remote.runtime import Tier3
 from edged.telemetry import Metrics, ResourceSampler
 from edged.tools.builtin import builtin_tools
 from edged.tools.mqtt_tools import build_mqtt_tools
@@ -73,6 +74,7 @@ class Daemon:
             queue_size=config.limits.queue_size, max_payload=config.mqtt.max_payload_bytes,
             retry_after_ms=config.limits.retry_after_ms,
         )
+        self.tier3 = Tier3.build(config, self.pipeline, self.bus, self.store) if config.remote.url else None
         self.sampler = ResourceSampler(lambda: self.config.models_dir)
         self.stopping = threading.Event()
         self._signals = 0
@@ -94,6 +96,7 @@ class Daemon:
             "models": self.models.describe(),
             "tools": self.registry.names(),
             "topics": {"cmd": self.bus.cmd_topic, "shared": self.bus.shared_topic, "result": self.bus.result_topic},
+            "remote": self.tier3.status() if self.tier3 is not None else None,
             "ts": time.time(),
         }
 
@@ -108,6 +111,7 @@ class Daemon:
             "models": self.models.stats(),
             "mqtt": {"connected": self.bus.connected.is_set(), "connects": self.bus.connects},
             "triggers": self.triggers.stats(),
+            **(self.tier3.telemetry() if self.tier3 is not None else {}),
         }
 
     # -- signals ----------------------------------------------------------------------------------------------------
@@ -137,6 +141,8 @@ class Daemon:
             self.notify("STATUS=warming the router's prompt cache")
             warm(self.pipeline.tool_specs())
         self.dispatcher.start()
+        if self.tier3 is not None:
+            self.tier3.start()
         self.notify(f"STATUS=connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
         self.triggers.start()
         self.bus.subscriptions.start()
@@ -191,6 +197,8 @@ class Daemon:
         finished = self.dispatcher.drain(grace)
         if not finished:
             log.warning("shutdown_left_commands", note="unacknowledged: the broker redelivers them after restart")
+        if self.tier3 is not None:
+            self.tier3.stop()
         self.triggers.stop()
         self.bus.subscriptions.stop()
         self.bus.stop(self.status_payload("stopped"))
