@@ -128,7 +128,7 @@ class Pipeline:
                 return tier2
             self._escalate(escalations, 2, answer.gave_up)
         elif start_tier == 3:
-            escalations.append({"from": 0, "reason": "requested"})
+            self._escalate(escalations, 0, "requested")  # counted in telemetry like the others
         best_local = tier2 if tier2 is not None and (tier2.calls or tier2.answer) else tier1
         return self._tier3(command, conversation, escalations, timings, best_local, reply)
 
