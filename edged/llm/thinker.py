@@ -91,8 +91,8 @@ class Thinker:
         )
 
     def _complete(self, tokens: list[int], max_tokens: int, sampling: Sampling, stop: list[str],
-                  ban: dict[int, float] | None = None) -> tuple[str, int]:
-        """Free generation by llama.cpp's own sampler chain (near raw decoding speed)."""
+                  ban: dict[int, float] | None = None) -> tuple[str, int, bool]:
+        """Free generation by llama.cpp's own sampler chain (near raw decoding speed); True if cut by the budget."""
         max_tokens = min(max_tokens, self.engine.n_ctx - len(tokens) - 1)
         if max_tokens <= 0:
             raise ContextFull("no room left in the context")
@@ -105,7 +105,7 @@ class Thinker:
         used = int(out["usage"]["completion_tokens"])  # type: ignore[index]
         self.engine.generated_tokens += used
         self.engine.decode_s += time.perf_counter() - t0
-        return text, used
+        return text, used, out["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
 
     def answer(self, conversation: Conversation) -> TierAnswer:
         thinking = self.can_think and (conversation.enable_thinking if conversation.enable_thinking is not None
@@ -124,7 +124,7 @@ class Thinker:
                     usage["steps"] += 1
                     prompt = self.engine.tokenize(self._render(messages, conversation.tools, thinking), bos=True)
                     if thinking:
-                        text, used = self._complete(prompt, budget, sampling, ["</think>", *STOPS])
+                        text, used, _ = self._complete(prompt, budget, sampling, ["</think>", *STOPS])
                         budget -= used
                         usage["thinking_tokens"] += used
                         prompt = prompt + self.engine.tokenize(text + "</think>\n\n", special=False)
@@ -160,10 +160,13 @@ class Thinker:
                     # the decoder ruled out a call here: words only, no call written as text; after tool results a
                     # short primer keeps a small model from echoing JSON instead of answering
                     primer = ANSWER_PRIMER if seen else ""
-                    text, used = self._complete(prompt + self.engine.tokenize(primer, special=False), budget,
-                                                sampling, STOPS, self._no_calls)
+                    text, used, cut = self._complete(prompt + self.engine.tokenize(primer, special=False), budget,
+                                                     sampling, STOPS, self._no_calls)
                     text = primer + text
                     usage["generated_tokens"] += used
+                    if cut:
+                        return TierAnswer(calls=calls, answer=_THINK.sub("", text).strip() or None, gave_up="budget",
+                                          model=self.name, usage=usage)
                     answer = _THINK.sub("", text).strip()
                     if not answer or _GIVE_UP.search(answer):
                         return TierAnswer(calls=calls, answer=answer or None, gave_up="thinker_gave_up",

@@ -1,0 +1,101 @@
+"""Tier 2 on the real Qwen2.5 stand-in GGUF, and the escalation from tier 1 (Gemma) to tier 2."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import GEMMA, MODELS_DIR, QWEN
+from edged.config import Config
+from edged.escalation import EscalationPolicy
+from edged.llm.thinker import _THINK, qwen_sampling
+from edged.models_runtime import LoadedModels, load_models
+from edged.pipeline import Pipeline
+from edged.protocol import Command
+from edged.telemetry import Metrics
+from edged.tools.builtin import builtin_tools
+from edged.tools.registry import ToolRegistry
+
+
+def test_think_blocks_are_removed_from_answers() -> None:
+    assert _THINK.sub("", "<think>\nlet me see\n</think>\n\nIt is 42.").strip() == "It is 42."
+    assert _THINK.sub("", "<think>never closed").strip() == ""
+
+
+def test_qwen3_recommended_sampling() -> None:
+    assert qwen_sampling(True, None) == qwen_sampling(True, None).__class__(0.6, 0.95, 20)
+    assert qwen_sampling(False, None).temperature == 0.7 and qwen_sampling(False, None).top_p == 0.8
+    assert qwen_sampling(False, 0.0).temperature == 0.0
+
+
+@pytest.fixture(scope="module")
+def models() -> Iterator[LoadedModels]:
+    if not (QWEN.exists() and GEMMA.exists()):
+        pytest.skip("model files missing: run scripts/setup")
+    config = Config.model_validate({
+        "models": {"dir": str(MODELS_DIR), "router": "gemma3-270m-q4km", "thinker": "qwen2.5-coder-0.5b",
+                   "n_threads": 2},
+        "thinker": {"temperature": 0, "seed": 1},
+    })
+    loaded = load_models(config)
+    assert loaded.info["router"]["state"] == "loaded" and loaded.info["thinker"]["state"] == "loaded"
+    yield loaded
+    loaded.close()
+
+
+def _pipeline(models: LoadedModels, metrics: Metrics | None = None, router: bool = True) -> Pipeline:
+    registry = ToolRegistry()
+    registry.register_all(builtin_tools())
+    return Pipeline(registry, "dev", 120_000, router=models.router if router else None, thinker=models.thinker,
+                    policy=EscalationPolicy(), metrics=metrics)
+
+
+@pytest.mark.model
+def test_two_step_request_uses_the_first_result_in_the_second_call(models: LoadedModels) -> None:
+    pipeline = _pipeline(models, router=False)
+    query = "Look up Alice in my contacts, then tell me the weather in her city."
+    result = pipeline.handle(Command(id="t2", query=query), time.monotonic())
+    assert result.status == "ok" and result.tier == 2
+    assert [(c.name, c.arguments) for c in result.calls] == [
+        ("search_contacts", {"name": "Alice"}), ("get_weather", {"city": "Tokyo"})]  # Tokyo came from step 1
+    assert result.calls[1].result["city"] == "Tokyo"
+    assert result.answer and "Tokyo" in result.answer and "{" not in result.answer
+    assert result.usage["steps"] >= 2
+
+
+@pytest.mark.model
+def test_chat_request_is_answered_in_words_without_calls(models: LoadedModels) -> None:
+    result = _pipeline(models, router=False).handle(Command(id="c", query="Write a haiku about the sea"),
+                                                      time.monotonic())
+    assert result.status == "ok" and result.tier == 2 and not result.calls
+    assert result.answer and len(result.answer.split()) >= 3
+
+
+@pytest.mark.model
+def test_tier1_hands_over_to_tier2_and_says_why(models: LoadedModels) -> None:
+    metrics = Metrics()
+    pipeline = _pipeline(models, metrics)
+    chat = pipeline.handle(Command(id="e", query="Write a haiku about the sea"), time.monotonic())
+    assert chat.tier == 2 and chat.escalations == [{"from": 1, "reason": "no_tool_fits"}]
+    simple = pipeline.handle(Command(id="s", query="What is the weather in Tokyo?"), time.monotonic())
+    assert simple.tier == 1 and simple.escalations == [] and simple.calls[0].arguments == {"city": "Tokyo"}
+    for r in (chat, simple):
+        metrics.record(r.status, r.tier, r.timings_ms["total"])
+    snap = metrics.snapshot()
+    assert snap["tiers"] == {"1": 1, "2": 1} and snap["escalations"] == {"1:no_tool_fits": 1}
+
+
+@pytest.mark.model
+def test_budget_exhaustion_gives_up_instead_of_hanging(models: LoadedModels) -> None:
+    thinker = models.thinker
+    assert thinker is not None
+    saved = thinker.max_tokens  # type: ignore[attr-defined]
+    thinker.max_tokens = 2  # type: ignore[attr-defined]
+    try:
+        result = _pipeline(models, router=False).handle(Command(id="b", query="Write a long story"),
+                                                          time.monotonic())
+    finally:
+        thinker.max_tokens = saved  # type: ignore[attr-defined]
+    assert {"from": 2, "reason": "budget"} in result.escalations
