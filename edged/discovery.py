@@ -161,7 +161,9 @@ class Discovery:
         remote = telemetry.get("remote")
         reachable = False
         if isinstance(remote, dict):
-            if "reachable" in remote:
+            if "available" in remote:  # the tier-3 connectivity monitor / circuit breaker
+                reachable = bool(remote["available"])
+            elif "reachable" in remote:
                 reachable = bool(remote["reachable"])
             else:
                 reachable = str(remote.get("state", "")).lower() in ("up", "online", "reachable", "connected")

@@ -387,3 +387,28 @@ def test_home_assistant_discovery(daemon_factory, broker, listen) -> None:
     after = listen("homeassistant/#")
     time.sleep(0.5)
     assert after.messages == []
+
+
+def test_ha_state_is_flattened_from_telemetry() -> None:
+    from edged.discovery import Discovery
+    from edged.subscriptions import Subscriptions
+
+    disc = Discovery(Config.model_validate({"device": {"id": "dev.1"}}), None, Subscriptions())  # type: ignore[arg-type]
+    telemetry = {
+        "resources": {"cpu_pct": 12.5, "mem_total_bytes": 1000, "mem_available_bytes": 250, "rss_bytes": 3 << 20,
+                      "temperatures_c": {"cpu/0": 51.0, "soc/1": 48.5}},
+        "requests": {"requests_total": 10, "tiers": {"0": 2, "1": 6, "2": 2}, "latency_ms": {"p50": 120.0}},
+        "queue": {"depth": 1},
+        "remote": {"state": "open", "available": False},
+    }
+    first = disc.state(telemetry)
+    assert first["cpu"] == 12.5 and first["memory"] == 75.0 and first["rss"] == 3.0 and first["temperature"] == 51.0
+    assert (first["tier0_pct"], first["tier1_pct"], first["tier2_pct"], first["tier3_pct"]) == (20.0, 60.0, 20.0, 0.0)
+    assert first["latency_p50"] == 120.0 and first["queue_depth"] == 1 and first["remote_reachable"] is False
+    assert first["requests_per_s"] is None  # a rate needs two readings
+    telemetry["requests"]["requests_total"] = 40  # type: ignore[index]
+    telemetry["remote"] = {"state": "closed", "available": True}
+    time.sleep(0.05)
+    second = disc.state(telemetry)
+    assert second["requests_per_s"] > 0 and second["remote_reachable"] is True
+    assert all(topic.split("/")[2] == "dev_1" for topic in discovery_configs(disc.config))  # HA's node_id charset
