@@ -113,7 +113,8 @@ class ModelsConfig(_Section):
         description="Tier-1 router: a manifest name or a path to a .gguf file; empty to run without it.",
     )
     thinker: str | None = Field(
-        None, description="Tier-2 thinker: a manifest name or a path to a .gguf file; empty to run without it."
+        "qwen2.5-coder-0.5b",
+        description="Tier-2 thinker: a manifest name or a path to a .gguf file; empty to run without it.",
     )
     n_threads: int = Field(0, description="llama.cpp threads; 0 = physical cores.", ge=0, le=256)
     n_ctx: int = Field(2048, description="Context length of each loaded model.", ge=256, le=131072)

@@ -102,6 +102,7 @@ class Daemon:
             "EDGED_DEVICE__ID": self.device,
             "EDGED_STATE__DIR": str(self.workdir / f"state-{self.device}"),
             "EDGED_MODELS__ROUTER": "",
+            "EDGED_MODELS__THINKER": "",
             "EDGED_TELEMETRY__INTERVAL_S": "1",
             "EDGED_LOG__FORMAT": "json",
             "EDGED_MODELS_DIR": str(MODELS_DIR),
