@@ -108,6 +108,9 @@ class Pipeline:
             specs = [ToolSpec.from_openai(t) for t in command.tools or []] if client_tools else self.tool_specs()
         except (KeyError, TypeError, AttributeError) as exc:
             return Result.failure(command.id, ErrorCode.BAD_COMMAND, f"invalid tool schema in 'tools': {exc}")
+        if self.router is None and self.thinker is None and self.remote is None:
+            return Result.failure(command.id, ErrorCode.NO_MODEL,
+                                  "no model is loaded on this device; send a direct 'call' or fetch a model")
         escalations: list[dict[str, Any]] = []
         timings: dict[str, float] = {}
         start_tier = command.tier or 1

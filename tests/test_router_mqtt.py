@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import GEMMA, QWEN
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.model, pytest.mark.slow]
@@ -39,5 +38,5 @@ def test_gemma_router_answers_parse_and_validate(daemon_factory, client) -> None
         else:  # whatever the base model chose, a refusal is a specific, structured error
             assert result["status"] == "error" and result["error"]["code"] in (
                 "needs_reasoning", "invalid_arguments"), result
-    status = [e for e in daemon.logs() if e.get("event") == "ready"][0]
+    status = next(e for e in daemon.logs() if e.get("event") == "ready")
     assert status["models"]["router"]["state"] == "loaded"

@@ -6,8 +6,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from conftest import GEMMA, MODELS_DIR, QWEN
+
 from edged.config import Config
 from edged.escalation import EscalationPolicy
 from edged.llm.thinker import _THINK, qwen_sampling
