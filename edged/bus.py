@@ -57,6 +57,9 @@ class MqttBus:
         self.connects = 0
         self.workers = 2  # the dispatcher's worker threads (it sets this); see receive_maximum()
         self._pending_sub: tuple[int | None, list[str]] = (-1, [])
+        # our publish's mid -> (command mid, qos, connection) to acknowledge once the broker has the reply
+        self._ack_after: dict[int, tuple[int, int, int]] = {}
+        self._ack_lock = threading.Lock()
         # extra filters (triggers, device confirmations, HA birth), delivered off the network thread
         self.subscriptions = Subscriptions()
         self._command_topics = {self.cmd_topic, f"{config.mqtt.prefix}/pool/cmd" if self.shared_topic else ""}
@@ -97,6 +100,7 @@ class MqttBus:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -187,6 +191,18 @@ class MqttBus:
         except Exception:
             log.exception("on_subscribe_failed")
 
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        try:
+            if reason is not None and getattr(reason, "is_failure", False):
+                log.error("mqtt_publish_refused", mid=mid, reason=str(reason),
+                          note="the broker refused one of our messages (ACL?)")
+            with self._ack_lock:
+                pending = self._ack_after.pop(mid, None)
+            if pending is not None and pending[2] == self.connects:
+                self.ack(pending[0], pending[1])
+        except Exception:
+            log.exception("on_publish_failed")
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.connected.clear()
         log.warning("mqtt_disconnected", reason=str(reason))
@@ -244,3 +260,16 @@ class MqttBus:
     def ack(self, mid: int, qos: int) -> None:
         if qos > 0:
             self._client.ack(mid, qos)
+
+    def reply_then_ack(self, topic: str, payload: bytes, correlation_data: bytes | None, mid: int, qos: int,
+                       generation: int) -> None:
+        """Publish a reply and acknowledge the command only once the broker has the reply (its PUBACK), without
+        blocking: for the network thread. Acknowledging at once lost replies that paho still held (its own
+        in-flight window of 20 was full) when the process died: the command was gone, its reply never sent."""
+        info = self.publish(topic, payload, correlation_data=correlation_data)
+        with self._ack_lock:
+            if not info.is_published():
+                self._ack_after[info.mid] = (mid, qos, generation)
+                return
+        if generation == self.connects:
+            self.ack(mid, qos)

@@ -68,9 +68,10 @@ class Dispatcher:
             result = Result(id=cid, status="busy", retry_after_ms=self.retry_after_ms,
                             device=self.pipeline.device_id)
             topic, corr = self._address(work)
-            if topic is not None:
-                self.bus.publish(topic, result.to_json(), correlation_data=corr)
-            self.bus.ack(inbound.mid, inbound.qos)
+            if topic is not None:  # the command is acknowledged once the broker has the 'busy' reply
+                self.bus.reply_then_ack(topic, result.to_json(), corr, inbound.mid, inbound.qos, work.generation)
+            else:
+                self.bus.ack(inbound.mid, inbound.qos)
             self.metrics.record("busy", None, 0.0)
             log.warning("busy", request_id=cid, queue_depth=self.queue.qsize())
 
