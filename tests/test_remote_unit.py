@@ -339,6 +339,18 @@ def test_client_rejects_bad_urls() -> None:
         ChatClient("node:11434", "m")
 
 
+def test_run_queued_runs_the_device_tools_through_tier_3(node: FakeNode, registry: ToolRegistry) -> None:
+    node.script = [(200, reply('{"name": "add_numbers", "arguments": {"a": 7, "b": 5}}')), (200, reply("It is 12."))]
+    pipeline = Pipeline(registry, "dev1", 5000, remote=reasoner(node.url))
+    result = pipeline.run_queued(json.dumps({"id": "q1", "query": "7 plus 5?", "tier": 3}), time.monotonic() + 10)
+    assert result.status == "ok" and result.tier == 3 and result.answer == "It is 12." and result.device == "dev1"
+    assert result.calls[0].result == {"sum": 12} and result.escalations == [{"from": 0, "reason": "outbox"}]
+    dead = Pipeline(registry, "dev1", 5000, remote=reasoner(f"http://127.0.0.1:{free_port()}/v1"))
+    failed = dead.run_queued(json.dumps({"id": "q1", "query": "7 plus 5?"}), time.monotonic() + 10)
+    assert failed.status == "error" and failed.escalations[-1] == {"from": 3, "reason": UNREACHABLE}
+    assert pipeline.run_queued("{not json", time.monotonic() + 1).error.code == ErrorCode.BAD_COMMAND
+
+
 # -- outbox --------------------------------------------------------------------------------------------------------
 
 
