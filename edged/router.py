@@ -23,7 +23,13 @@ class ToolSpec:
     @classmethod
     def from_openai(cls, schema: dict[str, Any]) -> ToolSpec:
         fn = schema.get("function", schema)
-        return cls(str(fn["name"]), str(fn.get("description", "")), dict(fn.get("parameters") or {}))
+        name, params = fn["name"], fn.get("parameters") or {}
+        # TypeError, which callers turn into 'bad_command': dict() of a list or string raised ValueError (internal)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tool name must be a non-empty string, got {type(name).__name__}")
+        if not isinstance(params, dict):
+            raise TypeError(f"'parameters' of {name[:64]!r} must be a JSON object, got {type(params).__name__}")
+        return cls(name, str(fn.get("description", "")), dict(params))
 
 
 @dataclass
