@@ -117,7 +117,18 @@ class ModelsConfig(_Section):
         description="Tier-2 thinker: a manifest name or a path to a .gguf file; empty to run without it.",
     )
     n_threads: int = Field(0, description="llama.cpp threads; 0 = physical cores.", ge=0, le=256)
-    n_ctx: int = Field(2048, description="Context length of each loaded model.", ge=256, le=131072)
+    n_ctx: int = Field(
+        4096, description="Context length of each loaded model (the prompt of a 50-tool set fits).", ge=256,
+        le=131072,
+    )
+    n_batch: int = Field(64, description="Tokens per llama.cpp batch: requests are short; smaller saves memory.",
+                         ge=8, le=4096)
+    kv_cache_type: Literal["f16", "q8_0"] = Field(
+        "q8_0", description="KV cache precision; q8_0 halves its memory (uses flash attention)."
+    )
+    use_mmap: bool = Field(
+        False, description="Map weights from the file (pages shared with the page cache) instead of reading them.",
+    )
     n_gpu_layers: int = Field(0, description="Layers offloaded to a GPU (needs a CUDA/Vulkan build).", ge=-1, le=1000)
     router_format: Literal["functiongemma", "qwen", "gemma3", "generic"] | None = Field(
         None, description="Prompt format of the router; default from the manifest or the GGUF's metadata."

@@ -30,15 +30,19 @@ def default_threads() -> int:
 
 
 class Engine:
-    def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int = 0, n_gpu_layers: int = 0,
-                 n_batch: int = 256) -> None:
+    def __init__(self, path: Path, *, n_ctx: int = 4096, n_threads: int = 0, n_gpu_layers: int = 0,
+                 n_batch: int = 64, kv_cache_type: str = "q8_0", use_mmap: bool = False) -> None:
         threads = n_threads or default_threads()
+        kv: dict[str, Any] = {}
+        if kv_cache_type == "q8_0":
+            kv = {"flash_attn": True, "type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0}
         t0 = time.monotonic()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            # swa_full: Gemma 3's sliding-window layers keep every position, so a cached prefix stays reusable
             self.llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                 n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, logits_all=False,
-                verbose=False, swa_full=True,
+                verbose=False, swa_full=True, use_mmap=use_mmap, **kv,
             )
         self.load_s = time.monotonic() - t0
         self.path = path

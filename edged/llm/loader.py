@@ -31,8 +31,9 @@ def load_engine(config: Config, spec: str) -> tuple[Engine, ModelEntry | None, d
     """Verify the file (sha256, cached by size and mtime) before llama.cpp ever sees it, then load it."""
     path, entry = resolve(config, spec)
     sha256 = verify_file(path, entry) if config.models.verify else None
-    engine = Engine(path, n_ctx=config.models.n_ctx, n_threads=config.models.n_threads,
-                    n_gpu_layers=config.models.n_gpu_layers)
+    m = config.models
+    engine = Engine(path, n_ctx=m.n_ctx, n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers, n_batch=m.n_batch,
+                    kv_cache_type=m.kv_cache_type, use_mmap=m.use_mmap)
     info = {"model": entry.name if entry else path.name, "file": str(path), "sha256": sha256,
             "load_s": round(engine.load_s, 3)}
     return engine, entry, info
