@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -183,6 +184,16 @@ class RemoteConfig(_Section):
         60.0, description="Largest delay between probes while the node is down (exponential backoff).", ge=0.5,
         le=3600,
     )
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _check_url(cls, value: Any) -> Any:
+        if value in ("", "none", None):
+            return None
+        pattern = r"^https?://([^/\s:\[\]]+|\[[0-9A-Fa-f:.]+\])(:\d+)?(/\S*)?$"  # host name, IPv4 or [IPv6]
+        if not isinstance(value, str) or not re.match(pattern, value):
+            raise ValueError("expected http(s)://host[:port][/path], e.g. http://node:11434/v1")
+        return value.rstrip("/")
 
 
 class TelemetryConfig(_Section):
@@ -443,4 +454,7 @@ def load_config(
         config.mqtt.resolved_password()
     except ConfigError as exc:
         raise ConfigError([f"{source}: {line}" for line in exc.errors]) from exc
+    key_file = config.remote.api_key_file
+    if config.remote.url and key_file is not None and not key_file.is_file():
+        raise ConfigError([f"{source}: remote.api_key_file: {key_file} does not exist"])
     return config
