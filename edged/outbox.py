@@ -14,6 +14,7 @@ milliseconds), which republishes the same result once more: at-least-once, like 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -210,6 +211,9 @@ class OutboxWorker:
         for row in self.outbox.rows():
             if self._stop.is_set():
                 break
+            if row.state == PENDING and self._answered_elsewhere(row):
+                self.outbox.mark_published(row.seq)
+                continue
             if row.state == PENDING:
                 payload = self._answer(row)
                 if payload is None:
@@ -221,6 +225,21 @@ class OutboxWorker:
                 break  # not out (disconnected or stopping): try again on the next pass
             progressed = True
         return progressed
+
+    def _answered_elsewhere(self, row: OutboxRow) -> bool:
+        """True when the answered store holds a final result for this command: a redelivery of it (we crashed
+        between storing it here and acknowledging it) was answered live once the node was back."""
+        if self.store is None:
+            return False
+        prior = self.store.get(self.store.key(row.reply.topic, row.command_id))
+        try:
+            status = json.loads(prior[0]).get("status") if prior is not None else None
+        except ValueError:
+            status = None
+        if status in (None, "queued"):
+            return False
+        log.info("outbox_answered_elsewhere", request_id=row.command_id)
+        return True
 
     def _answer(self, row: OutboxRow) -> bytes | None:
         """The final result of a pending row, or None to keep it (node unreachable)."""

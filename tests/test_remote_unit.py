@@ -477,6 +477,21 @@ def test_answered_row_is_republished_not_rerun_after_a_crash(tmp_path: Path) -> 
     assert [r["answer"] for _, r, _ in bus2.published] == ["answer to q a"] and outbox2.depth() == 0
 
 
+def test_row_answered_live_after_a_redelivery_is_dropped(tmp_path: Path) -> None:
+    from edged.answered import AnsweredStore
+
+    store = AnsweredStore(None, 100)
+    outbox, bus, runner = SqliteOutbox(None), FakeBus(), FakeRunner()
+    put(outbox, "a")
+    put(outbox, "b")
+    store.put(store.key("client/reply", "a"), Result(id="a", status="ok", tier=3).to_json())
+    store.put(store.key("client/reply", "b"), Result(id="b", status="queued", tier=3).to_json())
+    OutboxWorker(outbox, runner, FakeRemote(), bus, device_id="dev1", run_budget_s=5, store=store).run_once()
+    assert runner.ran == ["b"] and [r["id"] for _, r, _ in bus.published] == ["b"] and outbox.depth() == 0
+    payload, published = store.get(store.key("client/reply", "b")) or (b"", False)
+    assert json.loads(payload)["status"] == "ok" and published  # a retry of "b" now gets the final result
+
+
 def test_published_rows_are_dropped_at_start(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite3"
     outbox = SqliteOutbox(path)
