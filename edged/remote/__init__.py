@@ -25,7 +25,9 @@ def build_remote(cfg: RemoteConfig) -> RemoteReasoner:
     client = ChatClient(cfg.url, cfg.model, api_key=load_api_key(cfg.api_key_file), timeout_s=cfg.timeout_s,
                         ca_file=cfg.ca_file)
     breaker = Breaker(cfg.failure_threshold, on_change=_log_change)
-    probe_timeout = min(cfg.timeout_s, 5.0)
+    # connecting is bounded by 5 s (a node that is gone); the answer may wait up to timeout_s, since llama.cpp's
+    # server answers /models only between generations (a node busy with another client is not a node down)
+    probe_timeout = cfg.timeout_s
     monitor = Monitor(breaker, lambda: client.probe(probe_timeout), interval_s=cfg.probe_interval_s,
                       backoff_max_s=cfg.backoff_max_s)
     return RemoteReasoner(client, breaker, monitor, max_steps=cfg.max_steps, max_tokens=cfg.max_tokens,
