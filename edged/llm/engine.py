@@ -8,6 +8,7 @@ tokens as one batch, and read the last row of logits without copying it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 import time
@@ -130,6 +131,28 @@ class Engine:
         else:
             self.generated_tokens += 1
             self.decode_s += dt
+
+    # -- saved prompt prefixes (one per tool set) -------------------------------------------------------------
+
+    def snapshot(self) -> tuple[list[int], bytes]:
+        """The evaluated tokens and their KV cells, to restore later instead of evaluating them again."""
+        ctx = self.llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return self.tokens(), bytes(buf[:written])
+
+    def restore(self, tokens: list[int], state: bytes) -> bool:
+        """Put a snapshot back; False (and an empty context) if llama.cpp refuses it."""
+        self.llm._ctx.kv_cache_clear()
+        self.llm.n_tokens = 0
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self.llm._ctx.ctx, buf, len(state), 0) != len(state):
+            self.llm._ctx.kv_cache_clear()
+            return False
+        self.llm.input_ids[: len(tokens)] = tokens
+        self.llm.n_tokens = len(tokens)
+        return True
 
     def logits(self) -> npt.NDArray[np.float32]:
         """The last evaluated token's logits: a view into llama.cpp's buffer, valid until the next feed."""
