@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_model_commands(sub)
+    from edged.bench import add_bench_command
+
+    add_bench_command(sub)
     return parser
 
 
