@@ -138,6 +138,14 @@ def phase_inprocess(config: Any, models: list[dict[str, Any]], plan: Plan) -> di
 # --- phases 2 and 3 -------------------------------------------------------------------------------------------------
 
 
+def _failure(exc: Exception, daemon: Any) -> dict[str, Any]:
+    _log(f"FAILED: {type(exc).__name__}: {exc}")
+    proc = daemon.proc
+    return {"error": f"{type(exc).__name__}: {exc}",
+            "daemon_exit": None if proc is None else proc.poll(), "daemon_log": str(daemon.log_path),
+            "daemon_log_tail": daemon._tail()[-1500:]}
+
+
 def phase_daemon(config: Any, models: list[dict[str, Any]], router: str | None, thinker: str | None, plan: Plan,
                  workdir: Path, models_dir: Path) -> dict[str, Any]:
     from edged.bench import mqtt_load
@@ -173,6 +181,8 @@ def phase_daemon(config: Any, models: list[dict[str, Any]], router: str | None, 
                     broker.port, device, SEED_CASES, plan.sequential, plan.clients, plan.per_client, plan.budget_s)
                 _log("daemon: direct tool calls/s (mosquitto_pub -l / mosquitto_sub -C)")
                 out["direct_throughput"] = mqtt_load.direct_throughput(broker.port, device, plan.direct)
+            except Exception as exc:  # recorded; the other phases still run
+                out["error_router_only"] = _failure(exc, daemon)
             finally:
                 daemon.stop()
         else:
@@ -201,6 +211,8 @@ def phase_daemon(config: Any, models: list[dict[str, Any]], router: str | None, 
             out["resources"] = {**res, "rss_at_ready_bytes": at_ready, "model_files_bytes": files,
                                 "rss_over_files_mb": round((res["rss_bytes"] - files) / MB, 1),
                                 "models": [m.get("name") for m in models if m["present"]]}
+        except Exception as exc:
+            out["error_both"] = _failure(exc, daemon)
         finally:
             daemon.stop()
     finally:
@@ -315,6 +327,9 @@ def table(report: dict[str, Any]) -> str:
     add(f"{'model':28} {'roles':15} {'MB':>6} {'prefill t/s':>11} {'raw t/s':>8} {'warm ms':>8} "
         f"{'multi ms':>9} {'tok/query':>9} {'ok':>5} {'naive ms':>9} {'naive ok':>8}")
     for name, m in report["models"].items():
+        if not isinstance(m, dict):
+            add(f"in-process phase: {m}")
+            continue
         if not m.get("present"):
             add(f"{name:28} {','.join(m.get('roles', [])):15} absent: {m.get('error')}")
             continue
@@ -333,12 +348,16 @@ def table(report: dict[str, Any]) -> str:
     add("")
     if "skipped" in d:
         add(f"daemon: skipped ({d['skipped']})")
+    for key in ("error", "error_router_only", "error_both"):
+        if key in d:
+            err = d[key] if isinstance(d[key], str) else d[key].get("error")
+            add(f"daemon {key}: {err} (logs: {report['meta'].get('workdir_kept')})")
     e2e = d.get("e2e", {})
     if e2e.get("cases"):
         add(f"{'over MQTT (router only)':28} {'e2e p50':>8} {'e2e p95':>8} {'route p50':>10} {'in-proc p50':>11}")
         models = report["models"]
-        inproc: dict[str, Any] = next(
-            (m.get("router", {}) for m in models.values() if "router" in m.get("roles", [])), {})
+        inproc: dict[str, Any] = next((m.get("router", {}) for m in models.values()
+                                       if isinstance(m, dict) and "router" in m.get("roles", [])), {})
         for label, key in (("single_tool", "single_tool_ms"), ("two_tool", "multi_tool_ms")):
             b = e2e[label]
             add(f"{label:28} {_fmt(_p50(b['e2e_ms'])):>8} {_fmt(b['e2e_ms'].get('p95')):>8} "
@@ -406,16 +425,28 @@ def run_bench(*, models_dir: Path | None = None, router: str | None = None, thin
     thinker_name = next((m.get("name") for m in models if "thinker" in m["roles"] and m["present"]), None)
     workdir = Path(tempfile.mkdtemp(prefix="edged-bench-"))
     try:
-        report["models"] = phase_inprocess(config, models, plan)
         router_arg = str(next((m["path"] for m in models if "router" in m["roles"] and m["present"]), "")) or None
         thinker_arg = str(next((m["path"] for m in models if "thinker" in m["roles"] and m["present"]), "")) or None
-        report["daemon"] = phase_daemon(config, models, router_arg, thinker_arg, plan, workdir, mdir)
-        report["peer"] = phase_peer(models, report["models"], plan, workdir, full=not quick)
+        phases: list[tuple[str, Any]] = [
+            ("models", lambda: phase_inprocess(config, models, plan)),
+            ("daemon", lambda: phase_daemon(config, models, router_arg, thinker_arg, plan, workdir, mdir)),
+            ("peer", lambda: phase_peer(models, report["models"], plan, workdir, full=not quick)),
+        ]
+        for key, phase in phases:
+            try:
+                report[key] = phase()
+            except Exception as exc:  # one broken phase must not cost the others' figures
+                _log(f"phase {key} FAILED: {type(exc).__name__}: {exc}")
+                report[key] = {"error": f"{type(exc).__name__}: {exc}"}
         report["derived"] = derive(report, router_name, thinker_name)
     finally:
         report["meta"]["seconds"] = round(time.monotonic() - t0, 1)
         report["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        failed = any(isinstance(report.get(k), dict) and ("error" in report[k] or any(
+            isinstance(v, dict) and "error" in v for v in report[k].values())) for k in ("models", "daemon", "peer"))
+        report["meta"]["workdir_kept"] = str(workdir) if failed else None
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str))
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not failed:  # kept, with the daemons' and the peer's logs, when something went wrong
+            shutil.rmtree(workdir, ignore_errors=True)
     return report
