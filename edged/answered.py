@@ -39,6 +39,12 @@ class AnsweredStore:
                       note="answering without a durable store: a redelivery after a crash may run again")
             self._db = self._open(None)
         self._writes = 0
+        self._known = self._load_keys()
+
+    def _load_keys(self) -> set[str]:
+        """Every stored key, in memory: a new command (the common case) is known new without a query."""
+        cur = self._execute("keys", "SELECT key FROM answered")
+        return {row[0] for row in cur.fetchall()} if cur is not None else set()
 
     @staticmethod
     def _open(path: Path | None) -> sqlite3.Connection:
@@ -78,6 +84,8 @@ class AnsweredStore:
         if self.capacity == 0:
             return None
         with self._lock:
+            if key not in self._known:
+                return None
             cur = self._execute("get", "SELECT result, published FROM answered WHERE key=?", (key,))
             row = cur.fetchone() if cur is not None else None
         return (bytes(row[0]), bool(row[1])) if row else None
@@ -92,9 +100,11 @@ class AnsweredStore:
             )
             if cur is None:
                 return
+            self._known.add(key)
             self._writes += 1
             if self._writes % 256 == 0:
                 self._prune()
+                self._known = self._load_keys()
 
     def mark_published(self, key: str) -> None:
         if self.capacity == 0:

@@ -7,6 +7,7 @@ hand work over. Commands are acknowledged by hand (`manual_ack`) once their resu
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -24,6 +25,16 @@ from edged.config import Config
 from edged.subscriptions import Subscriptions
 
 log = structlog.get_logger(__name__)
+
+
+def no_delay(client: mqtt.Client) -> None:
+    """Disable Nagle's algorithm: MQTT packets are small, and Nagle plus delayed ACKs adds ~40 ms per exchange."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not a TCP socket (e.g. a Unix socket): nothing to tune
 
 
 @dataclass
@@ -58,7 +69,7 @@ class MqttBus:
         self.workers = 2  # the dispatcher's worker threads (it sets this); see receive_maximum()
         self._pending_sub: tuple[int | None, list[str]] = (-1, [])
         # our publish's mid -> (command mid, qos, connection) to acknowledge once the broker has the reply
-        self._ack_after: dict[int, tuple[int, int, int]] = {}
+        self._ack_after: dict[int, tuple[int, int, int, Callable[[], None] | None]] = {}
         self._ack_lock = threading.Lock()
         # extra filters (triggers, device confirmations, HA birth), delivered off the network thread
         self.subscriptions = Subscriptions()
@@ -161,6 +172,7 @@ class MqttBus:
             if reason.is_failure:
                 log.warning("mqtt_connect_refused", reason=str(reason))
                 return
+            no_delay(client)
             self.connects += 1
             names = [self.cmd_topic] + ([self.shared_topic] if self.shared_topic else [])
             subs = [(name, 1) for name in names] + self.subscriptions.filters()
@@ -198,8 +210,8 @@ class MqttBus:
                           note="the broker refused one of our messages (ACL?)")
             with self._ack_lock:
                 pending = self._ack_after.pop(mid, None)
-            if pending is not None and pending[2] == self.connects:
-                self.ack(pending[0], pending[1])
+            if pending is not None:
+                self._complete(*pending)
         except Exception:
             log.exception("on_publish_failed")
 
@@ -262,14 +274,26 @@ class MqttBus:
             self._client.ack(mid, qos)
 
     def reply_then_ack(self, topic: str, payload: bytes, correlation_data: bytes | None, mid: int, qos: int,
-                       generation: int) -> None:
+                       generation: int, then: Callable[[], None] | None = None) -> None:
         """Publish a reply and acknowledge the command only once the broker has the reply (its PUBACK), without
         blocking: for the network thread. Acknowledging at once lost replies that paho still held (its own
         in-flight window of 20 was full) when the process died: the command was gone, its reply never sent."""
         info = self.publish(topic, payload, correlation_data=correlation_data)
         with self._ack_lock:
-            if not info.is_published():
-                self._ack_after[info.mid] = (mid, qos, generation)
+            if not info._published:  # is_published() raises for a message queued while disconnected
+                self._ack_after[info.mid] = (mid, qos, generation, then)
                 return
+        self._complete(mid, qos, generation, then)
+
+    def _complete(self, mid: int, qos: int, generation: int, then: Callable[[], None] | None) -> None:
+        """The reply is with the broker: record it (`then`), then acknowledge the command it answers."""
+        if then is not None:
+            then()
         if generation == self.connects:
             self.ack(mid, qos)
+        # else: the connection that carried the command is gone; its redelivery is answered from the store
+
+    def pending_replies(self) -> int:
+        """Replies published but not yet acknowledged by the broker (their commands still unacknowledged)."""
+        with self._ack_lock:
+            return len(self._ack_after)

@@ -12,6 +12,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edged.bus import no_delay
+
 
 class EdgedClient:
     """Publishes commands with a private MQTT v5 Response Topic and Correlation Data; waits for the results."""
@@ -25,6 +27,7 @@ class EdgedClient:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "", protocol=mqtt.MQTTv5)
         self._client.on_message = self._on_message
         self._client.connect(host, port, keepalive=30)
+        no_delay(self._client)
         self._client.loop_start()
         done = threading.Event()
         self._client.on_subscribe = lambda *args: done.set()

@@ -171,7 +171,11 @@ class Dispatcher:
             self.bus.ack(work.inbound.mid, work.inbound.qos)
 
     def _deliver(self, work: Work, topic: str, corr: bytes | None, payload: bytes, key: str | None) -> None:
-        """Publish, wait for the broker to hold it, then acknowledge the command."""
+        """Publish, wait for the broker to hold it, then acknowledge the command.
+
+        The worker waits for the PUBACK on purpose: a reply published but not yet recorded as such is sent again
+        if the daemon dies, and waiting bounds those to one per worker. (Acknowledging from paho's callback
+        instead measured ~10 % more direct calls/s, with up to 20 repeats after a SIGKILL.)"""
         info = self.bus.publish(topic, payload, correlation_data=corr)
         while not self._stop.is_set():
             try:
@@ -194,10 +198,10 @@ class Dispatcher:
         self.accepting.clear()
         end = time.monotonic() + grace_s
         while time.monotonic() < end:
-            if self.queue.unfinished_tasks == 0:
+            if self.queue.unfinished_tasks == 0 and self.bus.pending_replies() == 0:
                 break
             time.sleep(0.02)
-        finished = self.queue.unfinished_tasks == 0
+        finished = self.queue.unfinished_tasks == 0 and self.bus.pending_replies() == 0
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=1.0)

@@ -75,14 +75,15 @@ def make_search_contacts(contacts: list[dict[str, Any]], timeout_s: float = 5.0)
         search_contacts,
         timeout_s,
         (("Find the phone number of Bob", {"name": "Bob"}),),
+        inline=True,
     )
 
 
 def builtin_tools(contacts_file: Path | None = None, timeout_s: float = 5.0) -> list[Tool]:
     return [
         Tool("get_weather", "Get the current weather for a city", WeatherArgs, get_weather, timeout_s,
-             (("How warm is it in Oslo today?", {"city": "Oslo"}),)),
+             (("How warm is it in Oslo today?", {"city": "Oslo"}),), inline=True),
         Tool("add_numbers", "Add two numbers and return their sum", AddArgs, add_numbers, timeout_s,
-             (("What is 12 plus 30?", {"a": 12, "b": 30}),)),
+             (("What is 12 plus 30?", {"a": 12, "b": 30}),), inline=True),
         make_search_contacts(load_contacts(contacts_file), timeout_s),
     ]

@@ -29,5 +29,5 @@ def debug_sleep(args: SleepArgs) -> dict[str, Any]:
 def debug_tools() -> list[Tool]:
     return [
         Tool("debug_sleep", "Debug only: block the worker for some seconds, like a stuck inference", SleepArgs,
-             debug_sleep, timeout_s=600.0, blocking=True),
+             debug_sleep, timeout_s=600.0, inline=True),
     ]

@@ -48,7 +48,9 @@ class Tool:
     func: Callable[[Any], Any]
     timeout_s: float = 5.0
     examples: tuple[tuple[str, dict[str, Any]], ...] = ()  # (request, arguments): few-shot for untrained models
-    blocking: bool = False  # run on the caller's (worker's) thread with no timeout: only tools/debug.py does
+    # run on the worker's own thread, with no timeout and no thread hand-off: pure, instant tools (the built-ins),
+    # and tools/debug.py's sleep, which must really hold the worker
+    inline: bool = False
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -113,8 +115,13 @@ class ToolRegistry:
         tool = self.get(name)
         args = tool.validate(arguments)
         limit = min(tool.timeout_s, timeout_s) if timeout_s is not None else tool.timeout_s
-        if tool.blocking:
-            return tool.func(args)
+        if tool.inline:
+            try:
+                return tool.func(args)
+            except ToolError:
+                raise
+            except Exception as exc:
+                raise ToolError(ErrorCode.TOOL_FAILED, f"{name} failed: {type(exc).__name__}: {exc}") from exc
         future = self._pool.submit(tool.func, args)
         try:
             return future.result(timeout=max(limit, 0.001))
