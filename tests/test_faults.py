@@ -127,7 +127,7 @@ def test_disk_full_for_the_store_and_the_log(daemon_factory, client, monkeypatch
     monkeypatch.setattr(conftest.subprocess, "Popen", popen)
     d = daemon_factory.make("dev1")
     monkeypatch.undo()
-    n = 1200  # ~100 bytes of log each: the log outgrows the limit too
+    n = 2000  # ~100 bytes of log each: the log outgrows the limit too
     corrs = {client.send("dev1", {"id": f"f{i}", "call": ADD}): f"f{i}" for i in range(n)}
     results = {cid: client.wait(corr, timeout=30) for corr, cid in corrs.items()}
     assert all(r["status"] in ("ok", "busy") and r["id"] == cid for cid, r in results.items())
