@@ -170,6 +170,10 @@ class RemoteConfig(_Section):
     on_offline: Literal["fallback", "queue"] = Field(
         "fallback", description="What to do with a tier-3 request while the node is unreachable."
     )
+    queue_ttl_s: float = Field(
+        3600.0, description="How long a queued command without its own deadline_ms waits in the outbox.",
+        gt=0, le=30 * 86400,
+    )
     ca_file: Path | None = Field(None, description="CA bundle that signed an https node's certificate.")
     max_steps: int = Field(4, description="Model turns per request (tool calls, then the answer).", ge=1, le=16)
     max_tokens: int = Field(512, description="Tokens the node may generate per turn.", ge=16, le=32768)

@@ -30,7 +30,8 @@ class Pipeline:
     def __init__(self, registry: ToolRegistry, device_id: str, default_deadline_ms: int,
                  router: Router | None = None, *, thinker: Tier | None = None, remote: RemoteTier | None = None,
                  outbox: Outbox | None = None, on_offline: str = "fallback",
-                 policy: EscalationPolicy | None = None, metrics: Metrics | None = None) -> None:
+                 policy: EscalationPolicy | None = None, metrics: Metrics | None = None,
+                 queue_ttl_s: float = 3600.0) -> None:
         self.registry = registry
         self.device_id = device_id
         self.default_deadline_ms = default_deadline_ms
@@ -41,6 +42,7 @@ class Pipeline:
         self.on_offline = on_offline
         self.policy = policy or EscalationPolicy()
         self.metrics = metrics
+        self.queue_ttl_s = queue_ttl_s
 
     def tool_specs(self) -> list[ToolSpec]:
         """The device's own tools as the router sees them."""
@@ -199,7 +201,9 @@ class Pipeline:
         if remote is not None:
             mode = command.on_offline or self.on_offline
             if mode == "queue" and self.outbox is not None and reply is not None:
-                deadline_wall = time.time() + max(0.0, conversation.remaining_s())
+                # a client's own deadline holds; without one, a queued command waits up to queue_ttl_s
+                wait_s = conversation.remaining_s() if command.deadline_ms else self.queue_ttl_s
+                deadline_wall = time.time() + max(0.0, wait_s)
                 self.outbox.put(command.model_dump_json(exclude_none=True), command.id, reply, deadline_wall)
                 return Result(id=command.id, status="queued", tier=3, escalations=escalations, timings_ms=timings)
         return self._fallback(command, escalations, timings, best_local, remote is not None)
@@ -246,6 +250,10 @@ class Pipeline:
         if best_local is not None and (best_local.calls or best_local.answer) and had_remote:
             result = best_local.model_copy(deep=True)
             result.status, result.error = "degraded", None
+            for call in result.calls:  # a tier-1 proposal that was escalated is shown, never silently run
+                if call.result is None and call.error is None:
+                    call.error = ErrorInfo(code=ErrorCode.NOT_EXECUTED,
+                                           message="proposed by tier 1 but escalated; not run")
         elif best_local is not None:
             result = best_local.model_copy(deep=True)
         else:

@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     DEVICE_TIMEOUT = "device_timeout"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     EXPIRED = "expired"
+    NOT_EXECUTED = "not_executed"
     NO_MODEL = "no_model"
     NEEDS_REASONING = "needs_reasoning"
     MODEL_FAILED = "model_failed"

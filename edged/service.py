@@ -59,7 +59,7 @@ class Daemon:
         self.models = LoadedModels()
         self.pipeline = Pipeline(
             self.registry, config.device.id, config.limits.deadline_ms, metrics=self.metrics,
-            on_offline=config.remote.on_offline,
+            on_offline=config.remote.on_offline, queue_ttl_s=config.remote.queue_ttl_s,
             policy=EscalationPolicy(config.models.min_confidence, config.models.check_grounding),
         )
         self.store = AnsweredStore(config.state.dir / "answered.sqlite3", config.limits.answered_cache)
