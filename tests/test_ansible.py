@@ -88,14 +88,13 @@ def test_ansible_lint_production_profile_clean(tmp_path: Path) -> None:
 
 
 def build_wheel(version: str, tmp: Path) -> Path:
-    """The edged wheel with another version: a copy of the project with the version patched in both places."""
+    """The edged wheel with another version: a copy of the project with edged.__version__ patched (the wheel's
+    version is read from it)."""
     src = tmp / f"src-{version}"
     src.mkdir()
     shutil.copy(REPO / "pyproject.toml", src)
     shutil.copy(REPO / "README.md", src)
     shutil.copytree(REPO / "edged", src / "edged", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    pyproject = src / "pyproject.toml"
-    pyproject.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', pyproject.read_text()))
     init = src / "edged" / "__init__.py"
     init.write_text(re.sub(r'(?m)^__version__ = ".*"$', f'__version__ = "{version}"', init.read_text()))
     dist = tmp / "dist"
