@@ -83,7 +83,7 @@ def _summary(result: dict[str, Any]) -> str:
 def main() -> int:
     port = _free_port()
     work = Path(tempfile.mkdtemp(prefix="edged-demo-"))
-    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
     broker = subprocess.Popen([_mosquitto(), "-c", str(work / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     daemon = None
