@@ -284,6 +284,7 @@ def direct_throughput(port: int, device: str, n: int, timeout: float = 60.0, pre
         return {"commands": n, "replies": state["replies"], "ok": state["ok"], "busy": state["busy"],
                 "other": state["other"], "seconds": round(elapsed, 3),
                 "calls_per_s": round(state["ok"] / elapsed, 1) if elapsed else None,
+                "replies_per_s": round(state["replies"] / elapsed, 1) if elapsed else None,
                 "complete": complete}
     finally:
         stop_process(pub, 5)

@@ -127,7 +127,10 @@ def phase_inprocess(config: Any, models: list[dict[str, Any]], plan: Plan) -> di
             if "thinker" in m["roles"]:
                 _log(f"in-process: tier-2 generation ({name})")
                 thinker, _tinfo, _tclose, _ = build_thinker(config, m["spec"], engine=engine)
-                res["thinker"] = inprocess.thinker_speed(thinker, engine, [], res["raw"], plan.thinker_runs,
+                # raw decoding measured again right before: the ratio compares neighbours in time, not phases
+                # minutes apart on a machine whose load may have changed
+                adjacent = inprocess.raw_speed(engine, decode_tokens=plan.raw_decode)
+                res["thinker"] = inprocess.thinker_speed(thinker, engine, [], adjacent, plan.thinker_runs,
                                                          plan.budget_s)
         finally:
             close()
@@ -369,7 +372,8 @@ def table(report: dict[str, Any]) -> str:
     if "direct_throughput" in d:
         dt = d["direct_throughput"]
         add(f"direct tool calls/s (C clients): {_fmt(dt.get('calls_per_s'))} "
-            f"({dt.get('ok')}/{dt.get('commands')} ok in {dt.get('seconds')} s)" if "skipped" not in dt
+            f"({dt.get('ok')}/{dt.get('commands')} ok, {dt.get('busy')} busy, in {dt.get('seconds')} s)"
+            if "skipped" not in dt
             else f"direct tool calls: skipped ({dt['skipped']})")
     if d.get("tool_growth"):
         add("tool set growth (e2e p50 ms): " + ", ".join(
