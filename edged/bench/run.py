@@ -50,9 +50,9 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(raw_decode=32, inproc_runs=3, naive_runs=1, thinker_runs=1, e2e_runs=4, e2e_warmup=1,
-                   sequential=6, clients=4, per_client=2, direct=400, growth_runs=3, idle_s=2.0, peer_runs=1,
-                   budget_s=15.0, quick_mode=True)
+        return cls(raw_decode=16, inproc_runs=2, naive_runs=1, thinker_runs=1, e2e_runs=3, e2e_warmup=1,
+                   sequential=4, clients=4, per_client=1, direct=300, growth_runs=2, idle_s=2.0, peer_runs=1,
+                   budget_s=8.0, quick_mode=True)
 
 
 def _log(msg: str) -> None:
@@ -122,7 +122,8 @@ def phase_inprocess(config: Any, models: list[dict[str, Any]], plan: Plan) -> di
             res["tool_template"] = "tools" in (engine.chat_template or "")
             if "router" in m["roles"] or not plan.quick_mode:
                 _log(f"in-process: naive grammar-constrained generation ({name})")
-                res["naive"] = inprocess.naive_cases(router, SEED_CASES, plan.naive_runs, plan.budget_s)
+                res["naive"] = inprocess.naive_cases(router, SEED_CASES, plan.naive_runs, plan.budget_s,
+                                                     warmup=0 if plan.quick_mode else 1)
                 res["naive"]["speedup_p50"] = ratio(res["naive"]["all_ms"]["p50"], res["router"]["all_ms"]["p50"], 1)
             if "thinker" in m["roles"]:
                 _log(f"in-process: tier-2 generation ({name})")
