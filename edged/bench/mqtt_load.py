@@ -43,7 +43,7 @@ class Broker:
             raise RuntimeError("mosquitto is not installed (scripts/setup installs it)")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 200000\n")
+                        "max_queued_messages 200000\nset_tcp_nodelay true\n")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.workdir / "mosquitto.log", "ab"))
         wait_port(self.port, 10, self.proc)
