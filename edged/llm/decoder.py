@@ -90,8 +90,10 @@ class CallDecoder:
     def _flush(self) -> None:
         """Evaluate everything pending in one llama_decode call (the prompt too, the first time)."""
         if self._prompt is not None:
-            reused = self.engine.sync(self._prompt + self._pending)
-            self.out.reused, self.out.prompt = reused, len(self._prompt) - reused
+            batch = self._prompt + self._pending
+            reused = self.engine.sync(batch)
+            self.out.reused = min(reused, len(self._prompt))
+            self.out.prompt = max(0, len(self._prompt) - reused)  # the request's own tokens, evaluated now
             self._prompt = None
         elif self._pending:
             self.engine.feed(self._pending)
