@@ -55,7 +55,8 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {self.workdir}/\nmax_queued_messages 100000\nset_tcp_nodelay true\n{self.extra_conf}\n"
+            f"persistence_location {self.workdir}/\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
+            f"{self.extra_conf}\n"
         )
         assert MOSQUITTO is not None
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
