@@ -11,6 +11,7 @@ declared types; pydantic still validates them before anything runs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,16 @@ class CallDecoder:
 
     def choose(self, options: list[str]) -> tuple[int, float]:
         """Let the model pick one of `options` (full texts, fed as it goes); returns (index, confidence)."""
+        # text all options share is forced first, so the model chooses between the parts that differ, each
+        # tokenized on its own: '"kitchen"' and '"living_room"' would otherwise start with different tokens ('"k'
+        # and '"'), and a merged token like '"k' would compete unfairly with the bare '"'
+        # (cut after a quote, space or newline: never inside a word, where '"o' + 'n' would be unnatural, nor
+        # inside a control token such as '<tool_call>')
+        shared = os.path.commonprefix(options) if len(options) > 1 else ""  # noqa: RUF071 (text, not paths)
+        shared = shared[: max(shared.rfind(ch) for ch in ('"', " ", "\n")) + 1]
+        if shared and all(len(text) > len(shared) for text in options):
+            self._force(shared)
+            options = [text[len(shared):] for text in options]
         root = _Trie()
         for index, text in enumerate(options):
             node = root
