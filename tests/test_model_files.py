@@ -36,9 +36,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         body = BLOB[start:]
         self.send_header("Content-Length", str(len(body)))
+        _Handler.served.append(len(body))  # before sending: the client may be done before this thread resumes
         self.end_headers()
         self.wfile.write(body)
-        _Handler.served.append(len(body))
 
     def log_message(self, *args: object) -> None:
         pass
