@@ -72,7 +72,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             failed += 1
             continue
         bar.close()
-        print(f"{entry.name}: {path}")
+        # the digest (cached by the fetch) is printed so a file fetched from an unpinned source can be pinned
+        print(f"{entry.name}: {path} sha256 {verify_file(path, entry)}")
     return 1 if failed else 0
 
 
