@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edged.config import Config
+from edged.config import Config, MqttConfig
 from edged.subscriptions import Subscriptions
 
 log = structlog.get_logger(__name__)
@@ -35,6 +35,18 @@ def no_delay(client: mqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not a TCP socket (e.g. a Unix socket): nothing to tune
+
+
+def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Username/password (from the secret file) and TLS with optional client certificate, for any client of ours."""
+    password = cfg.resolved_password()
+    if cfg.username:
+        client.username_pw_set(cfg.username, password.get_secret_value() if password else None)
+    if cfg.tls:
+        context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+        if cfg.cert_file:
+            context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None)
+        client.tls_set_context(context)
 
 
 @dataclass
@@ -88,14 +100,7 @@ class MqttBus:
         )
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min_s)), max_delay=round(cfg.reconnect_max_s))
-        password = cfg.resolved_password()
-        if cfg.username:
-            client.username_pw_set(cfg.username, password.get_secret_value() if password else None)
-        if cfg.tls:
-            context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-            if cfg.cert_file:
-                context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None)
-            client.tls_set_context(context)
+        apply_credentials(client, cfg)
         will_props = None
         if self._v5:
             will_props = Properties(PacketTypes.WILLMESSAGE)

@@ -12,7 +12,6 @@ Readings go, flattened for simple templates, to `<edged prefix>/<device>/ha/stat
 from __future__ import annotations
 
 import re
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edged import __version__
+from edged.bus import apply_credentials
 from edged.subscriptions import Message, Subscriptions
 
 if TYPE_CHECKING:
@@ -194,14 +194,7 @@ def remove(config: Config, timeout: float = 10.0) -> int:
     cfg = config.mqtt
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{config.client_id}-ha-remove",
                          protocol=mqtt.MQTTv5 if cfg.protocol == "v5" else mqtt.MQTTv311)
-    password = cfg.resolved_password()
-    if cfg.username:
-        client.username_pw_set(cfg.username, password.get_secret_value() if password else None)
-    if cfg.tls:
-        context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-        if cfg.cert_file:
-            context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None)
-        client.tls_set_context(context)
+    apply_credentials(client, cfg)
     connected = threading.Event()
     client.on_connect = lambda *args: connected.set()
     client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
