@@ -8,6 +8,11 @@ The store is an aid, not a gate: when it cannot be written (disk full, read-only
 an I/O error), the command is still answered and acknowledged, and the failure is logged as an error (at most
 every few seconds, with a count). What was already committed stays intact: SQLite's WAL rolls back a write that
 could not complete. Only the redelivery guarantee weakens for the commands answered meanwhile.
+
+One commit per command: the dispatcher defers "published" (`mark_published(key, defer=True)`) into the next
+`put`'s transaction, or `flush` when it is idle. Until then the mark lives in memory (`get` sees it), so only a
+killed process loses it, for at most the one command per worker that has not stored its next result yet: the
+same bound on results sent twice as when each mark was its own commit.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 ERROR_LOG_EVERY_S = 10.0
+PRUNE_EVERY = 256  # rows past capacity before the oldest are deleted: one DELETE per this many commands
 
 
 class AnsweredStore:
@@ -38,13 +45,14 @@ class AnsweredStore:
             log.error("answered_store_unavailable", path=str(path), error=str(exc),
                       note="answering without a durable store: a redelivery after a crash may run again")
             self._db = self._open(None)
-        self._writes = 0
-        self._known = self._load_keys()
+        # every stored key -> its rowid, oldest first: a new command (the common case) is known new without a
+        # query, and the oldest rows are pruned by rowid without an index or a rescan
+        self._known: OrderedDict[str, int] = self._load_keys()
+        self._pending: dict[str, int] = {}  # published, not yet committed as such (key -> rowid)
 
-    def _load_keys(self) -> set[str]:
-        """Every stored key, in memory: a new command (the common case) is known new without a query."""
-        cur = self._execute("keys", "SELECT key FROM answered")
-        return {row[0] for row in cur.fetchall()} if cur is not None else set()
+    def _load_keys(self) -> OrderedDict[str, int]:
+        cur = self._execute("keys", "SELECT key, rowid FROM answered ORDER BY rowid")
+        return OrderedDict(cur.fetchall() if cur is not None else ())
 
     @staticmethod
     def _open(path: Path | None) -> sqlite3.Connection:
@@ -57,7 +65,7 @@ class AnsweredStore:
             "CREATE TABLE IF NOT EXISTS answered (key TEXT PRIMARY KEY, result BLOB NOT NULL,"
             " published INTEGER NOT NULL DEFAULT 0, ts REAL NOT NULL)"
         )
-        db.execute("CREATE INDEX IF NOT EXISTS answered_ts ON answered(ts)")
+        db.execute("DROP INDEX IF EXISTS answered_ts")  # pruned by rowid now: one index less to write per command
         return db
 
     def _failed(self, op: str, exc: Exception) -> None:
@@ -88,42 +96,83 @@ class AnsweredStore:
                 return None
             cur = self._execute("get", "SELECT result, published FROM answered WHERE key=?", (key,))
             row = cur.fetchone() if cur is not None else None
-        return (bytes(row[0]), bool(row[1])) if row else None
+            pending = key in self._pending
+        return (bytes(row[0]), bool(row[1]) or pending) if row else None
 
     def put(self, key: str, result: bytes) -> None:
+        """Store a result (not yet published), committing the deferred marks in the same transaction."""
         if self.capacity == 0:
             return
         with self._lock:
-            cur = self._execute(
-                "put", "INSERT OR REPLACE INTO answered(key, result, published, ts) VALUES (?, ?, 0, ?)",
-                (key, result, time.time()),
-            )
-            if cur is None:
+            self._pending.pop(key, None)  # a new result for this key is not published yet
+            rowid = self._transaction("put", key, result)
+            if rowid is None:
                 return
-            self._known.add(key)
-            self._writes += 1
-            if self._writes % 256 == 0:
-                self._prune()
-                self._known = self._load_keys()
+            self._known.pop(key, None)
+            self._known[key] = rowid
 
-    def mark_published(self, key: str) -> None:
+    def mark_published(self, key: str, *, defer: bool = False) -> None:
+        """The broker has this result. `defer`: commit it with the next put or flush (see the module doc)."""
         if self.capacity == 0:
             return
         with self._lock:
-            self._execute("mark_published", "UPDATE answered SET published=1 WHERE key=?", (key,))
+            rowid = self._known.get(key)
+            if rowid is None:
+                return  # never stored (the store failed): nothing to mark
+            self._pending[key] = rowid
+            if not defer:
+                self._transaction("mark_published")
+
+    def flush(self) -> None:
+        """Commit the deferred marks, if any: the dispatcher calls it when idle."""
+        if self.capacity == 0:
+            return
+        with self._lock:
+            if self._pending:
+                self._transaction("flush")
+
+    def _transaction(self, op: str, key: str | None = None, result: bytes | None = None) -> int | None:
+        """One commit: the pending marks, the new row if any, and pruning past capacity. The new row's rowid,
+        or None when it failed (rolled back, the failure logged; the marks are dropped, like a failed write)."""
+        marks = list(self._pending.values())
+        self._pending.clear()
+        db = self._db
+        rowid: int | None = None
+        try:
+            db.execute("BEGIN")
+            if marks:
+                db.execute(f"UPDATE answered SET published=1 WHERE rowid IN ({','.join('?' * len(marks))})",
+                           marks)
+            if key is not None:
+                cur = db.execute("INSERT OR REPLACE INTO answered(key, result, published, ts) VALUES (?, ?, 0, ?)",
+                                 (key, result, time.time()))
+                rowid = cur.lastrowid
+            if len(self._known) >= self.capacity + PRUNE_EVERY:
+                self._prune()
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._failed(op, exc)
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return None  # keys popped by a pruning that rolled back are the oldest: deleted by the next one
+        return rowid
 
     def _prune(self) -> None:
-        self._execute(
-            "prune",
-            "DELETE FROM answered WHERE ts < (SELECT ts FROM answered ORDER BY ts DESC LIMIT 1 OFFSET ?)",
-            (self.capacity,),
-        )
+        """Delete the oldest rows down to capacity (inside the caller's transaction)."""
+        last = 0
+        while len(self._known) > self.capacity:
+            _, last = self._known.popitem(last=False)
+        self._db.execute("DELETE FROM answered WHERE rowid <= ?", (last,))
 
     def __len__(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM answered").fetchone()[0])
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             try:
                 self._db.close()

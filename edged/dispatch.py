@@ -98,6 +98,7 @@ class Dispatcher:
             try:
                 work = self.queue.get(timeout=0.2)
             except queue.Empty:
+                self.store.flush()  # idle: make the deferred "published" marks durable
                 continue
             try:
                 self._process(work, name)
@@ -141,6 +142,7 @@ class Dispatcher:
                 if work.generation == self.bus.connects:
                     self.bus.ack(inbound.mid, inbound.qos)
                 return
+            self.store.flush()  # no put before this publish: keep at most one unflushed mark per worker
             self._deliver(work, topic, corr, payload, key)
             return
         self.busy_until[worker] = self.pipeline.deadline_for(command, inbound.received) + 5.0
@@ -186,7 +188,9 @@ class Dispatcher:
         else:
             return  # hard stop: not acknowledged, the broker redelivers
         if key is not None:
-            self.store.mark_published(key)
+            # committed with this worker's next put (or when idle): until then, one result per worker could be
+            # sent again after a SIGKILL, as before when the mark had a commit of its own
+            self.store.mark_published(key, defer=True)
         if work.generation == self.bus.connects:
             self.bus.ack(work.inbound.mid, work.inbound.qos)
         # else: the connection that carried the command is gone; its redelivery is answered from the store
