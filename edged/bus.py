@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import Config, MqttConfig
@@ -47,6 +48,30 @@ def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
         if cfg.cert_file:
             context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None)
         client.tls_set_context(context)
+
+
+_CONTENT_TYPE_JSON = b"\x03" + struct.pack("!H", 16) + b"application/json"  # property 3, a UTF-8 string
+
+
+class PackedProperties:
+    """A PUBLISH's v5 properties, packed by hand: Content Type JSON and the Correlation Data, if any.
+
+    paho only ever calls `pack()` on a publish's properties (also when it sends the message again after a
+    reconnect), and building and packing its own `Properties` cost ~40 us per result: a tenth of a direct call."""
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, correlation_data: bytes | None) -> None:
+        body = _CONTENT_TYPE_JSON
+        if correlation_data is not None:  # property 9, binary data (at most 65535 bytes, like the command's own)
+            body += b"\x09" + struct.pack("!H", len(correlation_data)) + correlation_data
+        self._packed = VariableByteIntegers.encode(len(body)) + body
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __repr__(self) -> str:
+        return f"PackedProperties({self._packed!r})"
 
 
 @dataclass
@@ -248,12 +273,7 @@ class MqttBus:
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 correlation_data: bytes | None = None) -> mqtt.MQTTMessageInfo:
-        props = None
-        if self._v5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = "application/json"
-            if correlation_data is not None:
-                props.CorrelationData = correlation_data
+        props = cast(Properties, PackedProperties(correlation_data)) if self._v5 else None
         return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def publish_json(self, topic: str, obj: dict[str, Any], *, retain: bool = False,

@@ -189,6 +189,10 @@ def _salvage(obj: Any) -> tuple[str | None, str | None]:
     return cid, reply if ok_reply else None
 
 
+# one decoder for every command: json.loads(text, parse_float=...) would build a new one per call
+_JSON = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+
+
 def decode_command(payload: bytes, max_bytes: int) -> Command:
     """Bytes from the broker to a validated Command, or a DecodeError with a specific code."""
     if len(payload) > max_bytes:
@@ -198,17 +202,20 @@ def decode_command(payload: bytes, max_bytes: int) -> Command:
     except UnicodeDecodeError as exc:
         raise DecodeError(ErrorCode.BAD_ENCODING, f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from exc
     try:
-        obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        obj = _JSON.decode(text)
     except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, NaN/Infinity, ints over 4300 digits
         raise DecodeError(ErrorCode.BAD_JSON, f"payload is not JSON: {exc}") from exc
     cid, reply_to = _salvage(obj)
     if not isinstance(obj, dict):
         raise DecodeError(ErrorCode.BAD_COMMAND, f"a command is a JSON object, got {type(obj).__name__}")
-    if _depth(obj, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    # the walks below run only when the text could hold what they look for (the common command cannot): nesting
+    # needs a bracket per level, and a lone surrogate can only come from a \\u escape (the bytes were UTF-8)
+    deep = text.count("{") + text.count("[") + 1 > MAX_JSON_DEPTH
+    if deep and _depth(obj, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise DecodeError(
             ErrorCode.BAD_COMMAND, f"nesting deeper than {MAX_JSON_DEPTH}", command_id=cid, reply_to=reply_to
         )
-    if not _all_utf8(obj):
+    if "\\u" in text and not _all_utf8(obj):
         raise DecodeError(
             ErrorCode.BAD_ENCODING, "payload has \\u escapes of lone surrogates: not valid Unicode",
             command_id=cid, reply_to=reply_to,
