@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edged.llm.formats import FunctionGemmaFormat, GenericJsonFormat, choose_format, synthetic_example
+from edged.llm.formats import FunctionGemmaFormat, GenericFormat, choose_format, synthetic_example
 from edged.llm.functiongemma import parse_calls, render_call, render_declaration
 from edged.router import ProposedCall, ToolSpec
 
@@ -79,11 +79,27 @@ def test_functiongemma_prompt_has_developer_turn_and_declarations() -> None:
 def test_generic_prompt_lists_tools_none_and_examples() -> None:
     tool = ToolSpec("set_light", "Switch a light", {"type": "object", "properties": {
         "room": {"type": "string", "enum": ["kitchen", "hall"]}, "level": {"type": "integer"}}})
-    prefix = GenericJsonFormat().prefix([WEATHER, tool])
+    fmt = GenericFormat()
+    prefix = fmt.prefix([WEATHER, tool])
     assert 'set_light(room: "kitchen"|"hall", level: integer)' in prefix
-    assert "- none(): when no function fits the request" in prefix
-    assert '[{"name": "set_light", "arguments": {"room": "kitchen", "level": 2}}]' in prefix
-    assert prefix.endswith("Request: ")
+    assert "- nothing(): when no function fits the request" in prefix
+    assert 'Calls: [{"set_light": {"room": "kitchen", "level": 2}}]\n' in prefix
+    assert 'Calls: [{"get_weather": {"city": "City"}}, {"set_light": {"room": "kitchen", "level": 2}}]\n' in prefix
+    assert 'Calls: [{"nothing": {}}]\n' in prefix
+    assert prefix.endswith("Request: ") and fmt.suffix() == "\nCalls:"
+    # the text the decoder forces around the chosen parts is the examples' text
+    syntax = fmt.syntax
+    call = (syntax.opener + syntax.name_open + "set_light" + syntax.name_close
+            + syntax.key_open.format(key="room") + '"kitchen"' + syntax.arg_sep + syntax.key_open.format(key="level")
+            + "2" + syntax.args_close + syntax.calls_end[0])
+    assert "Calls:" + call + "\n" in prefix
+    assert '"nothing_": {}' in fmt.prefix([ToolSpec("nothing", "Do nothing", {})])  # never a real tool's name
+
+
+def test_generic_named_json_form_for_the_naive_path() -> None:
+    fmt = GenericFormat(keyed=False)
+    prefix = fmt.prefix([WEATHER])
+    assert '[{"name": "get_weather", "arguments": {"city": "City"}}]' in prefix and fmt.syntax.opener == "["
 
 
 def test_synthetic_example_fills_every_required_argument() -> None:

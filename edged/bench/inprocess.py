@@ -13,6 +13,7 @@ from typing import Any
 
 from edged.bench.common import Case, calls_match, percentiles, ratio
 from edged.llm.engine import Engine
+from edged.llm.formats import GenericFormat
 from edged.llm.textcalls import parse_text_calls
 from edged.router import ToolSpec
 
@@ -133,7 +134,8 @@ def _call_schema(tools: list[ToolSpec]) -> dict[str, Any]:
 
 
 def naive_grammar(router: Any, tools: list[ToolSpec]) -> Any:
-    """A GBNF grammar for one or more calls in the router's own format: a JSON list, or Hermes `<tool_call>` tags."""
+    """A GBNF grammar for one or more calls: Hermes `<tool_call>` tags, else a JSON list (the generic format's
+    JSON form: llama-cpp-python's JSON-schema grammar is what a user would reach for)."""
     from llama_cpp import LlamaGrammar
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -150,8 +152,11 @@ def naive_grammar(router: Any, tools: list[ToolSpec]) -> Any:
 def naive_prompt(router: Any, query: str, tools: list[ToolSpec]) -> list[int]:
     """The router's prompt, built the way the router builds it (prefix with the tools, the request, the suffix)."""
     engine: Engine = router.engine
-    prefix = router.fmt.prefix(tools)
-    suffix = router.fmt.suffix()
+    fmt = router.fmt
+    if isinstance(fmt, GenericFormat) and fmt.keyed:
+        fmt = GenericFormat(family=fmt.family, keyed=False)  # llama-cpp-python's JSON-schema grammar: named calls
+    prefix = fmt.prefix(tools)
+    suffix = fmt.suffix()
     return (engine.tokenize(prefix, bos=not prefix.startswith("<bos>"))
             + engine.tokenize(query.strip(), special=False) + engine.tokenize(suffix))
 

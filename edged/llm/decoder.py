@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from edged.llm.engine import Engine
-from edged.llm.formats import NONE_TOOL, CallSyntax, PromptFormat
-from edged.llm.grounding import looks_compound, ungrounded_arguments
+from edged.llm.formats import CallSyntax, PromptFormat, none_name
+from edged.llm.grounding import looks_compound, relevant, ungrounded_arguments
 from edged.router import ProposedCall, ToolSpec
 
 TOP_K = 48
@@ -50,6 +50,25 @@ class _Trie:
     option: int | None = None  # index of the option that ends here
 
 
+def _numbers_possible(tool: ToolSpec, query: str) -> bool:
+    """A tool with a required number can only be called from a request with digits in it."""
+    props = tool.parameters.get("properties", {})
+    needs_number = any(props.get(k, {}).get("type") in ("integer", "number") and "enum" not in props.get(k, {})
+                       for k in tool.parameters.get("required", list(props)))
+    return not needs_number or any(ch.isdigit() for ch in query)
+
+
+def _only_leads_to(node: _Trie, option: int) -> bool:
+    """Every option below this trie node is `option`."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.option is not None and n.option != option:
+            return False
+        stack.extend(n.children.values())
+    return True
+
+
 class CallDecoder:
     """Decodes calls for one request; holds the engine lock's owner's state for that request only."""
 
@@ -67,6 +86,7 @@ class CallDecoder:
         self.out = Decoded()
         self._copy_ids: np.ndarray = np.zeros(0, dtype=np.int64)
         self._pending: list[int] = []
+        self._forced: list[str] = []  # forced text not yet tokenized
         self._prompt: list[int] | None = None
 
     # -- primitives ------------------------------------------------------------------------------------------------
@@ -80,16 +100,29 @@ class CallDecoder:
 
     def _force(self, text: str) -> None:
         """Forced text is not evaluated now: it rides along with the next model step's batch."""
-        tokens = self._tok(text)
-        self._pending.extend(tokens)
-        self.out.forced += len(tokens)
+        self._forced.append(text)
+
+    def _tokenize_forced(self) -> None:
+        """Where the syntax asks for it (`joint_forced`), consecutive forced pieces are tokenized as one text:
+        'city=' + '"' as the model writes it ('="'), so it reads its usual tokens, not the seams of our syntax.
+        Measured per format: it helps the generic keyed syntax, and cost Qwen one case of the IoT eval (Hermes)."""
+        if not self._forced:
+            return
+        pieces = ["".join(self._forced)] if self.syntax.joint_forced else self._forced
+        for piece in pieces:
+            tokens = self._tok(piece)
+            self._pending.extend(tokens)
+            self.out.forced += len(tokens)
+        self._forced = []
 
     def _accept(self, token: int) -> None:
         """A token the model chose: likewise evaluated with the next batch, not in a call of its own."""
+        self._tokenize_forced()
         self._pending.append(token)
 
     def _flush(self) -> None:
         """Evaluate everything pending in one llama_decode call (the prompt too, the first time)."""
+        self._tokenize_forced()
         if self._prompt is not None:
             batch = self._prompt + self._pending
             reused = self.engine.sync(batch)
@@ -110,15 +143,19 @@ class CallDecoder:
         self.out.steps += 1
         return self.engine.logits()
 
-    def choose(self, options: list[str]) -> tuple[int, float]:
-        """Let the model pick one of `options` (full texts, fed as it goes); returns (index, confidence)."""
+    def choose(self, options: list[str], abstain: int | None = None) -> tuple[int, float]:
+        """Let the model pick one of `options` (full texts, fed as it goes); returns (index, confidence).
+
+        `abstain` is the index of a "no call" option: it wins only with most of the probability, as "no call" does
+        where it is the model not opening a call, not merely by being the likeliest single token."""
         # text all options share is forced first, so the model chooses between the parts that differ, each
         # tokenized on its own: '"kitchen"' and '"living_room"' would otherwise start with different tokens ('"k'
         # and '"'), and a merged token like '"k' would compete unfairly with the bare '"'
         # (cut after a quote, space or newline: never inside a word, where '"o' + 'n' would be unnatural, nor
         # inside a control token such as '<tool_call>')
         shared = os.path.commonprefix(options) if len(options) > 1 else ""  # noqa: RUF071 (text, not paths)
-        shared = shared[: max(shared.rfind(ch) for ch in ('"', " ", "\n")) + 1]
+        # a space stays with the word after it (' kitchen', as tokenizers write words), so the cut is before it
+        shared = shared[: max(0, shared.rfind('"') + 1, shared.rfind("\n") + 1, shared.rfind(" "))]
         if shared and all(len(text) > len(shared) for text in options):
             self._force(shared)
             options = [text[len(shared):] for text in options]
@@ -132,6 +169,7 @@ class CallDecoder:
         while node.option is None:
             if len(node.children) == 1:
                 token, node = next(iter(node.children.items()))
+                self._tokenize_forced()
                 self._pending.append(token)
                 self.out.forced += 1
                 continue
@@ -141,6 +179,10 @@ class CallDecoder:
             probs = np.exp(scores - scores.max())
             probs /= probs.sum()
             best = int(np.argmax(probs))
+            if abstain is not None and probs[best] < 0.5 and len(ids) > 1 and _only_leads_to(
+                    node.children[int(ids[best])], abstain):
+                probs[best] = -1.0
+                best = int(np.argmax(probs))
             confidence *= float(probs[best])
             token = int(ids[best])
             self._accept(token)
@@ -267,7 +309,7 @@ class CallDecoder:
         self.out = Decoded()
         query_tokens = self.engine.tokenize(query, special=False) + self.engine.tokenize(" " + query, special=False)
         self._copy_ids = np.array(sorted(set(query_tokens)), dtype=np.int64)
-        self._prompt, self._pending = prompt, []
+        self._prompt, self._pending, self._forced = prompt, [], []
         syntax = self.syntax
         by_name = {t.name: t for t in tools}
         if syntax.opener_is_choice:
@@ -280,7 +322,8 @@ class CallDecoder:
                 return self.out
             self.out.confidence = p_call
         self._force(syntax.opener)
-        names = list(by_name) + ([] if syntax.opener_is_choice else [NONE_TOOL])
+        no_call = none_name(syntax, list(by_name))
+        names = list(by_name) + ([] if syntax.opener_is_choice else [no_call])
         compound = self.speculative and looks_compound(query)
         for n in range(self.max_calls):
             if n > 0:
@@ -292,9 +335,10 @@ class CallDecoder:
                         self._speculative_call(query, names, by_name)
                     break
             self._force(syntax.name_open)
-            index, confidence = self.choose([name + syntax.name_close for name in names])
+            index, confidence = self.choose([name + syntax.name_close for name in names],
+                                            abstain=names.index(no_call) if no_call in names else None)
             name = names[index]
-            if name == NONE_TOOL:
+            if name == no_call:
                 self.out.none_fit = not self.out.calls
                 break
             call = ProposedCall(name, self._arguments(by_name[name]))
@@ -306,20 +350,24 @@ class CallDecoder:
         return self.out
 
     def _speculative_call(self, query: str, names: list[str], by_name: dict[str, ToolSpec], tries: int = 2) -> None:
-        """The model would stop, but the request reads as two ("... and ..."): try the other tools it ranks best,
-        and keep the first call whose values all come from the request."""
+        """The model would stop, but the request reads as two ("... and ..."): try the other tools, those the
+        request mentions first, then as the model ranks them; keep the first call whose values all come from the
+        request."""
         syntax = self.syntax
+        called = {c.name for c in self.out.calls}
+        options = [name for name in names
+                   if name not in called and name in by_name and _numbers_possible(by_name[name], query)]
+        if not options:
+            return  # no other tool could be called from this request: not worth a model step
+        self._pending, self._forced = [], []  # the end of the list the model chose is not written
         self._force(syntax.call_sep + syntax.name_open)
         self._flush()
         mark = self.engine.n_past
-        called = {c.name for c in self.out.calls}
-        options = [name for name in names if name not in called and name != NONE_TOOL]
-        if not options:
-            return
         logits = self._step_logits()
-        ranked = sorted(options, key=lambda name: -float(logits[self._tok(name + syntax.name_close)[0]]))
+        ranked = sorted(options, key=lambda name: (not relevant(name, by_name[name].description, query),
+                                                   -float(logits[self._tok(name + syntax.name_close)[0]])))
         for name in ranked[:tries]:
-            self._pending = []
+            self._pending, self._forced = [], []
             self.engine.rewind(mark)
             self._force(name + syntax.name_close)
             call = ProposedCall(name, self._arguments(by_name[name]))

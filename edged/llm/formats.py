@@ -3,7 +3,8 @@
 A format gives the router three things: the prompt prefix that declares the tools (evaluated once per tool set and
 reused), the text around the request, and the call syntax that the constrained decoder writes around the values
 the model chooses. Three families: FunctionGemma's native declarations and `<start_function_call>`, Hermes/Qwen
-`<tool_call>` JSON through the GGUF's own chat template, and a generic JSON form for models with no tool template.
+`<tool_call>` JSON through the GGUF's own chat template, and a generic JSON form for models with no tool
+template.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class CallSyntax:
     opener_is_choice: bool = False  # True: "no call" is the model not opening a call (Hermes, FunctionGemma)
     call_starts: tuple[str, ...] = ()  # first tokens that mean "a call comes" (small models skip the tags)
     json_values: bool = True  # numbers/bools/enums as JSON literals
+    none_name: str = NONE_TOOL  # the pseudo-tool that says "no call" where not opening a call is no choice
+    joint_forced: bool = False  # tokenize consecutive forced pieces as one text (see CallDecoder._tokenize_forced)
+
+
+def none_name(syntax: CallSyntax, tool_names: list[str]) -> str:
+    """The "no call" pseudo-tool's name for this tool set: never one of the real tools' names."""
+    name = syntax.none_name
+    while name in tool_names:
+        name += "_"
+    return name
 
 
 @dataclass
@@ -52,7 +63,7 @@ class PromptFormat:
         raise NotImplementedError
 
 
-# --- generic JSON (a model with no tool template, e.g. the Gemma 3 270M base stand-in) ----------------------------
+# --- generic (a model with no tool template, e.g. the Gemma 3 270M base stand-in) ---------------------------------
 
 
 def _signature(tool: ToolSpec) -> str:
@@ -91,21 +102,48 @@ def _json_calls(calls: list[tuple[str, dict[str, Any]]]) -> str:
     return json.dumps([{"name": n, "arguments": a} for n, a in calls])
 
 
+def _keyed_calls(calls: list[tuple[str, dict[str, Any]]]) -> str:
+    """`[{"get_weather": {"city": "Oslo"}}]`: the calls as the keyed syntax writes them."""
+    return json.dumps([{n: a} for n, a in calls])
+
+
+# Keyed by the tool's name, a one-argument call costs 5 forced tokens where `{"name": ..., "arguments": ...}` costs
+# 13, and on a small CPU each forced token is ~5 ms of batch evaluation. Measured on the Gemma 3 270M base stand-in
+# (router only), against the named form: IoT eval exact 37.1 % vs 25.7 %, names 61.9 % vs 46.7 %, no-tool 12/15 vs
+# 10/15; the seed's requests 4/4. A Python-call form (`get_weather(city="Oslo")`, 4 tokens) lost half the tool
+# choices once 10+ tools were offered. "No call" is `nothing`: after "Calls:", the English prior of "none" drew the
+# model to it for plain requests; it must also win with most of the probability (CallDecoder.choose's abstain).
+KEYED_SYNTAX = CallSyntax(
+    opener=' [{"', name_open="", name_close='": {', key_open='"{key}": ', arg_sep=", ", str_open='"', str_close='"',
+    args_close="}}", call_sep=', {"', calls_end=("]",), none_name="nothing", joint_forced=True,
+)
+JSON_SYNTAX = CallSyntax(
+    opener="[", name_open='{"name": "', name_close='", "arguments": {', key_open='"{key}": ', arg_sep=", ",
+    str_open='"', str_close='"', args_close="}}", call_sep=", ", calls_end=("]",),
+)
+
+
 @dataclass
-class GenericJsonFormat(PromptFormat):
+class GenericFormat(PromptFormat):
+    """For a model with no tool template (e.g. the Gemma 3 270M base stand-in): signatures, few-shot examples, and
+    calls as a JSON list keyed by tool name (`keyed`, the default) or of `{"name", "arguments"}` objects."""
+
     family: str = "generic"
-    syntax: CallSyntax = field(default_factory=lambda: CallSyntax(
-        opener="[", name_open='{"name": "', name_close='", "arguments": {', key_open='"{key}": ', arg_sep=", ",
-        str_open='"', str_close='"', args_close="}}", call_sep=", ", calls_end=("]",),
-    ))
+    syntax: CallSyntax = KEYED_SYNTAX
     examples: bool = True
+    keyed: bool = True
     turn_open: str = ""
     turn_close: str = ""
 
+    def __post_init__(self) -> None:
+        self.syntax = KEYED_SYNTAX if self.keyed else JSON_SYNTAX
+
     def prefix(self, tools: list[ToolSpec]) -> str:
+        render = _keyed_calls if self.keyed else _json_calls
+        none = none_name(self.syntax, [t.name for t in tools])
         lines = ["Functions:"]
         lines += [f"- {_signature(t)}: {t.description}" for t in tools]
-        lines.append(f"- {NONE_TOOL}(): when no function fits the request")
+        lines.append(f"- {none}(): when no function fits the request")
         lines.append("")
         lines.append("Map each request to a JSON list of function calls. Copy values from the request.")
         lines.append("")
@@ -113,14 +151,15 @@ class GenericJsonFormat(PromptFormat):
         if len(shots) >= 2:
             (q1, c1), (q2, c2) = shots[0], shots[1]
             shots.append((f"{q1.rstrip('?.!')} and {q2[0].lower()}{q2[1:]}", c1 + c2))
-        shots.append(("Tell me a story about a dragon.", [(NONE_TOOL, {})]))
+        shots.append(("Tell me a story about a dragon.", [(none, {})]))
         for query, calls in shots:
-            lines.append(f"{self.turn_open}Request: {query}\nCalls: {_json_calls(calls)}{self.turn_close}")
+            lines.append(f"{self.turn_open}Request: {query}\nCalls: {render(calls)}{self.turn_close}")
             lines.append("")
         return "\n".join(lines) + f"{self.turn_open}Request: "
 
     def suffix(self) -> str:
-        return "\nCalls: "
+        # keyed: the opener carries the space (' [{"' is how the examples' tokens run)
+        return "\nCalls:" if self.keyed else "\nCalls: "
 
 
 # --- Hermes / Qwen (<tool_call> JSON in the GGUF's chat template) -------------------------------------------------
@@ -212,5 +251,5 @@ def choose_format(family: str | None, metadata: dict[str, str], name: str = "") 
             raise ValueError("family 'qwen' needs a GGUF chat template with <tool_call> support")
         return HermesFormat(template=template)
     if family == "gemma3":
-        return GenericJsonFormat(family="gemma3")
-    return GenericJsonFormat()
+        return GenericFormat(family="gemma3")
+    return GenericFormat()
