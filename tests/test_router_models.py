@@ -100,6 +100,38 @@ def test_gemma_output_always_parses_into_schema_valid_calls(gemma: LocalRouter) 
             assert _conforms(call.arguments, schemas[call.name]), (case["query"], call)
 
 
+def test_a_hinted_tool_name_saves_a_step_and_changes_nothing_else(gemma: LocalRouter,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # 50 tools: get_weather shares 'get' with seven others, so its name is two choices; the request's words
+    # draft the second one in the batch of the first
+    from edged.bench.common import tool_set
+    from edged.llm import decoder
+
+    specs = [ToolSpec.from_openai(t) for t in tool_set(50)]
+    query = "What is the weather in Tokyo?"
+    hinted = [gemma.route(query, specs, time.monotonic() + 120) for _ in range(2)][-1]
+    monkeypatch.setattr(decoder, "_draft", lambda node, hints: None)
+    plain = gemma.route(query, specs, time.monotonic() + 120)
+    assert [(c.name, c.arguments) for c in hinted.calls] == [("get_weather", {"city": "Tokyo"})]
+    assert [(c.name, c.arguments) for c in plain.calls] == [("get_weather", {"city": "Tokyo"})]
+    assert hinted.usage["decode_steps"] == plain.usage["decode_steps"] - 1
+
+
+def test_a_wrong_hint_is_undone(gemma: LocalRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the draft points at set_light (set_ is a branch of four): evaluated along, found wrong, rewound
+    from edged.bench.common import tool_set
+    from edged.llm import decoder
+
+    specs = [ToolSpec.from_openai(t) for t in tool_set(50)]
+    query = "What is the weather in Tokyo?"
+    monkeypatch.setattr(decoder, "mention_score", lambda name, description, q: 9.0 if name == "set_light" else 0.0)
+    wrong = gemma.route(query, specs, time.monotonic() + 120)
+    monkeypatch.setattr(decoder, "_draft", lambda node, hints: None)
+    plain = gemma.route(query, specs, time.monotonic() + 120)
+    assert [(c.name, c.arguments) for c in wrong.calls] == [("get_weather", {"city": "Tokyo"})]
+    assert wrong.usage["decode_steps"] == plain.usage["decode_steps"]  # no step saved, none lost
+
+
 def test_prompt_is_reused_across_requests(gemma: LocalRouter) -> None:
     specs = _device_specs()
     gemma.route("What is the weather in Tokyo?", specs, time.monotonic() + 120)

@@ -11,19 +11,22 @@ Phases, one after another so they never compete for the cores:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edged.bench.common import SEED_CASES, percentiles, ratio
+from edged.bench.common import SEED_CASES, Case, percentiles, ratio
 
 MB = 1_000_000
+PAIR_GAP_S = 0.05
 DEFAULT_MODELS_DIR = Path.home() / ".cache" / "edged" / "models"
 
 
@@ -150,6 +153,29 @@ def _failure(exc: Exception, daemon: Any) -> dict[str, Any]:
             "daemon_log_tail": daemon._tail()[-1500:]}
 
 
+@contextlib.contextmanager
+def _paired_router(config: Any, spec: str) -> Iterator[Callable[[Case], float]]:
+    """The daemon's router file loaded in this process too: `route(case)` in ms, timed next to each e2e request."""
+    from edged.llm.loader import build_router
+
+    router, _info, close, _stats = build_router(config, spec)
+
+    def route(case: Case) -> float:
+        # a pause on each side: llama.cpp's worker threads (OpenMP) spin for a moment after their last step, and
+        # the two processes' threads must not take turns on the same two cores inside a measurement
+        time.sleep(PAIR_GAP_S)
+        t0 = time.perf_counter()
+        router.route(case.query, case.specs, time.monotonic() + 60)
+        elapsed = (time.perf_counter() - t0) * 1000
+        time.sleep(PAIR_GAP_S)
+        return elapsed
+
+    try:
+        yield route
+    finally:
+        close()
+
+
 def phase_daemon(config: Any, models: list[dict[str, Any]], router: str | None, thinker: str | None, plan: Plan,
                  workdir: Path, models_dir: Path) -> dict[str, Any]:
     from edged.bench import mqtt_load
@@ -172,11 +198,11 @@ def phase_daemon(config: Any, models: list[dict[str, Any]], router: str | None, 
             try:
                 _log("daemon (router only): starting")
                 out["ready_s_router_only"] = round(daemon.start(), 3)
-                with EdgedClient("127.0.0.1", broker.port) as client:
+                with EdgedClient("127.0.0.1", broker.port) as client, _paired_router(config, str(router)) as inproc:
                     mqtt_load.wait_serving(client, device)
-                    _log("daemon: end-to-end latency")
+                    _log("daemon: end-to-end latency, each request also routed in-process right before")
                     out["e2e"] = mqtt_load.e2e_latency(client, device, SEED_CASES, plan.e2e_runs, plan.e2e_warmup,
-                                                       plan.budget_s)
+                                                       plan.budget_s, inproc=inproc)
                     _log("daemon: latency as the tool set grows")
                     out["tool_growth"] = mqtt_load.tool_growth(client, device, list(plan.growth_sizes),
                                                                plan.growth_runs, plan.budget_s)
@@ -274,7 +300,9 @@ def derive(report: dict[str, Any], router_name: str | None, thinker_name: str | 
         for label, key in (("single_tool", "single_tool_ms"), ("two_tool", "multi_tool_ms")):
             e2e_p50 = _p50(e2e[label]["e2e_ms"])
             r[f"{label}_e2e_over_route_timing"] = ratio(e2e_p50, _p50(e2e[label]["route_ms"]))
-            r[f"{label}_e2e_over_inprocess"] = ratio(e2e_p50, _p50(router.get(key)))
+            # paired in-process timings (right before each request) where measured, else phase 1's
+            paired = _p50(e2e[label].get("inproc_ms")) or _p50(router.get(key))
+            r[f"{label}_e2e_over_inprocess"] = ratio(e2e_p50, paired)
     growth = daemon.get("tool_growth", {})
     sizes = sorted(growth, key=int)
     if sizes:
@@ -358,14 +386,16 @@ def table(report: dict[str, Any]) -> str:
             add(f"daemon {key}: {err} (logs: {report['meta'].get('workdir_kept')})")
     e2e = d.get("e2e", {})
     if e2e.get("cases"):
-        add(f"{'over MQTT (router only)':28} {'e2e p50':>8} {'e2e p95':>8} {'route p50':>10} {'in-proc p50':>11}")
+        add(f"{'over MQTT (router only)':28} {'e2e p50':>8} {'e2e p95':>8} {'route p50':>10} {'in-proc p50':>11}"
+            f" {'paired in-proc':>14}")
         models = report["models"]
         inproc: dict[str, Any] = next((m.get("router", {}) for m in models.values()
                                        if isinstance(m, dict) and "router" in m.get("roles", [])), {})
         for label, key in (("single_tool", "single_tool_ms"), ("two_tool", "multi_tool_ms")):
             b = e2e[label]
             add(f"{label:28} {_fmt(_p50(b['e2e_ms'])):>8} {_fmt(b['e2e_ms'].get('p95')):>8} "
-                f"{_fmt(_p50(b['route_ms'])):>10} {_fmt(_p50(inproc.get(key))):>11}")
+                f"{_fmt(_p50(b['route_ms'])):>10} {_fmt(_p50(inproc.get(key))):>11} "
+                f"{_fmt(_p50(b.get('inproc_ms'))):>14}")
     if "routed_throughput" in d:
         rt = d["routed_throughput"]
         add(f"routed requests/s: {_fmt(rt['sequential']['rps'])} sequential, "

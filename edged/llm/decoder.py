@@ -21,7 +21,7 @@ import numpy as np
 
 from edged.llm.engine import Engine
 from edged.llm.formats import CallSyntax, PromptFormat, none_name
-from edged.llm.grounding import looks_compound, relevant, ungrounded_arguments
+from edged.llm.grounding import looks_compound, mention_score, relevant, ungrounded_arguments
 from edged.router import ProposedCall, ToolSpec
 
 TOP_K = 48
@@ -56,6 +56,33 @@ def _numbers_possible(tool: ToolSpec, query: str) -> bool:
     needs_number = any(props.get(k, {}).get("type") in ("integer", "number") and "enum" not in props.get(k, {})
                        for k in tool.parameters.get("required", list(props)))
     return not needs_number or any(ch.isdigit() for ch in query)
+
+
+def _draft(node: _Trie, hints: list[float]) -> tuple[list[int], _Trie] | None:
+    """The best-hinted child of `node` and the forced tokens after it, when they lead to another choice (only then
+    does a right guess save a step): (tokens, the node where that choice is), else None."""
+    best: tuple[float, int] | None = None
+    for token, child in node.children.items():
+        score = max(hints[i] for i in _options_below(child))
+        if score > 0 and (best is None or score > best[0]):
+            best = (score, token)
+    if best is None:
+        return None
+    tokens, child = [best[1]], node.children[best[1]]
+    while child.option is None and len(child.children) == 1:
+        token, child = next(iter(child.children.items()))
+        tokens.append(token)
+    return (tokens, child) if child.option is None else None
+
+
+def _options_below(node: _Trie) -> list[int]:
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if n.option is not None:
+            out.append(n.option)
+        stack.extend(n.children.values())
+    return out
 
 
 def _only_leads_to(node: _Trie, option: int) -> bool:
@@ -120,18 +147,23 @@ class CallDecoder:
         self._tokenize_forced()
         self._pending.append(token)
 
-    def _flush(self) -> None:
-        """Evaluate everything pending in one llama_decode call (the prompt too, the first time)."""
+    def _flush(self, guess: list[int] | None = None) -> np.ndarray | None:
+        """Evaluate everything pending in one llama_decode call (the prompt too, the first time).
+
+        With `guess`, those tokens ride along too, and the logits before them are returned."""
         self._tokenize_forced()
+        guess = guess or []
+        before = None
         if self._prompt is not None:
             batch = self._prompt + self._pending
-            reused = self.engine.sync(batch)
+            reused, before = self.engine.sync(batch + guess, peek=len(guess))
             self.out.reused = min(reused, len(self._prompt))
             self.out.prompt = max(0, len(self._prompt) - reused)  # the request's own tokens, evaluated now
             self._prompt = None
-        elif self._pending:
-            self.engine.feed(self._pending)
+        elif self._pending or guess:
+            before = self.engine.feed(self._pending + guess, peek=len(guess))
         self._pending = []
+        return before
 
     def _check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
@@ -143,11 +175,17 @@ class CallDecoder:
         self.out.steps += 1
         return self.engine.logits()
 
-    def choose(self, options: list[str], abstain: int | None = None) -> tuple[int, float]:
+    def choose(self, options: list[str], abstain: int | None = None,
+               hints: list[float] | None = None) -> tuple[int, float]:
         """Let the model pick one of `options` (full texts, fed as it goes); returns (index, confidence).
 
         `abstain` is the index of a "no call" option: it wins only with most of the probability, as "no call" does
-        where it is the model not opening a call, not merely by being the likeliest single token."""
+        where it is the model not opening a call, not merely by being the likeliest single token.
+
+        `hints` (a score per option, e.g. the request's words in a tool's name) drafts the model's answer where
+        options share their first tokens ('get' of get_weather and get_time): the hinted branch is evaluated in
+        the same batch as the step that chooses it, so a right guess saves the next step and a wrong one costs
+        a few tokens of batch. The model still chooses every token; the hint never does."""
         # text all options share is forced first, so the model chooses between the parts that differ, each
         # tokenized on its own: '"kitchen"' and '"living_room"' would otherwise start with different tokens ('"k'
         # and '"'), and a merged token like '"k' would compete unfairly with the bare '"'
@@ -166,6 +204,7 @@ class CallDecoder:
                 node = node.children.setdefault(token, _Trie())
             node.option = index
         node, confidence = root, 1.0
+        ready: np.ndarray | None = None  # logits at `node`, evaluated by a right guess
         while node.option is None:
             if len(node.children) == 1:
                 token, node = next(iter(node.children.items()))
@@ -173,7 +212,15 @@ class CallDecoder:
                 self._pending.append(token)
                 self.out.forced += 1
                 continue
-            logits = self._step_logits()
+            draft = None if ready is not None or hints is None else _draft(node, hints)
+            if ready is not None:
+                logits, ready = ready, None
+            elif draft is not None:
+                self._check_deadline()
+                logits = self._flush(draft[0])  # type: ignore[assignment]
+                self.out.steps += 1
+            else:
+                logits = self._step_logits()
             ids = np.fromiter(node.children.keys(), dtype=np.int64)
             scores = logits[ids].astype(np.float64)
             probs = np.exp(scores - scores.max())
@@ -185,6 +232,13 @@ class CallDecoder:
                 best = int(np.argmax(probs))
             confidence *= float(probs[best])
             token = int(ids[best])
+            if draft is not None:
+                guessed, then = draft
+                if token == guessed[0]:  # right: the branch is evaluated, and so are the logits after it
+                    self.out.forced += len(guessed) - 1
+                    node, ready = then, self.engine.logits()
+                    continue
+                self.engine.rewind(self.engine.n_past - len(guessed))
             self._accept(token)
             node = node.children[token]
         assert node.option is not None
@@ -336,7 +390,9 @@ class CallDecoder:
                     break
             self._force(syntax.name_open)
             index, confidence = self.choose([name + syntax.name_close for name in names],
-                                            abstain=names.index(no_call) if no_call in names else None)
+                                            abstain=names.index(no_call) if no_call in names else None,
+                                            hints=[mention_score(by_name[name].name, by_name[name].description, query)
+                                                   if name in by_name else 0.0 for name in names])
             name = names[index]
             if name == no_call:
                 self.out.none_fit = not self.out.calls

@@ -100,30 +100,41 @@ class Engine:
                 return
             self.llm.n_tokens = n
 
-    def sync(self, tokens: list[int]) -> int:
+    def sync(self, tokens: list[int], peek: int = 0) -> tuple[int, npt.NDArray[np.float32] | None]:
         """Make the context hold exactly `tokens`, evaluating only what differs from what it holds.
 
-        Returns how many tokens were reused. At least the last token is re-evaluated so its logits are fresh.
+        Returns how many tokens were reused, and with `peek` the logits before the last `peek` tokens (see `feed`).
+        At least the last token (with `peek`, the last peek + 1) is re-evaluated so its logits are fresh.
         """
         held = self.llm.input_ids[: self.llm.n_tokens]
-        limit = min(len(held), len(tokens) - 1)
+        limit = min(len(held), len(tokens) - 1 - peek)
         common = 0
         if limit > 0:
             mismatch = np.nonzero(held[:limit] != np.asarray(tokens[:limit], dtype=held.dtype))[0]
             common = int(mismatch[0]) if len(mismatch) else limit
         self.rewind(common)
         common = self.llm.n_tokens
-        self.feed(tokens[common:], prompt=True)
-        return common
+        return common, self.feed(tokens[common:], prompt=True, peek=peek)
 
-    def feed(self, tokens: list[int], *, prompt: bool = False) -> None:
-        """Evaluate tokens in one batch (forced text, or the request itself)."""
+    def feed(self, tokens: list[int], *, prompt: bool = False, peek: int = 0) -> npt.NDArray[np.float32] | None:
+        """Evaluate tokens in one batch (forced text, or the request itself).
+
+        `peek`: the last `peek` tokens are a guess evaluated along (speculation); the logits before them are
+        returned (a copy), and `logits()` gives those after them. A wrong guess is undone with `rewind`.
+        """
         if not tokens:
-            return
+            return None
         if self.llm.n_tokens + len(tokens) > self.n_ctx:
             raise ContextFull(f"context of {self.n_ctx} tokens is full")
         t0 = time.perf_counter()
-        self.llm.eval(tokens)
+        before = None
+        if peek and 0 < peek + 1 <= min(len(tokens), self.llm.n_batch):
+            head, tail = tokens[: -(peek + 1)], tokens[-(peek + 1):]
+            if head:
+                self.llm.eval(head)
+            before = self._eval_two_rows(tail)
+        else:
+            self.llm.eval(tokens)
         dt = time.perf_counter() - t0
         if prompt or len(tokens) > 1:
             self.prompt_tokens += len(tokens)
@@ -131,6 +142,20 @@ class Engine:
         else:
             self.generated_tokens += 1
             self.decode_s += dt
+        return before
+
+    def _eval_two_rows(self, tokens: list[int]) -> npt.NDArray[np.float32]:
+        """One llama_decode of `tokens` with logits for the first and the last: llama-cpp-python's `eval` keeps
+        only the last row. Returns the first row (a copy)."""
+        llm = self.llm
+        n_past = llm.n_tokens
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        llm._batch.set_batch(tokens, n_past, logits_all=False)
+        llm._batch.batch.logits[0] = True
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[n_past: n_past + len(tokens)] = tokens
+        llm.n_tokens += len(tokens)
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(0), shape=(self.n_vocab,)).copy()
 
     # -- saved prompt prefixes (one per tool set) -------------------------------------------------------------
 

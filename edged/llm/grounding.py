@@ -58,3 +58,10 @@ def _stems(text: str) -> set[str]:
 def relevant(tool_name: str, tool_description: str, query: str) -> bool:
     """Does the request mention what the tool is about? Used to stop a chain of calls that drifts off topic."""
     return bool(_stems(tool_name + " " + tool_description) & _stems(query))
+
+
+def mention_score(tool_name: str, tool_description: str, query: str) -> float:
+    """How much of the request names the tool (its name's words count double): a draft for the router to guess
+    the tool before the model has chosen it, never a choice."""
+    query_stems = _stems(query)
+    return 2.0 * len(_stems(tool_name) & query_stems) + len(_stems(tool_description) & query_stems)
