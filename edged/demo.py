@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edged.client import EdgedClient
+from edged.localproc import free_port, mosquitto_binary, wait_port
 
 REQUESTS: list[dict[str, Any]] = [
     {"id": "seed-1", "query": "What is the weather in Tokyo?"},
@@ -38,26 +37,12 @@ REQUESTS: list[dict[str, Any]] = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 def _mosquitto() -> str:
-    found = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+    found = mosquitto_binary()
     if found is None:
         raise SystemExit("mosquitto is not installed: run scripts/setup (it installs it with apt-get)")
     return found
@@ -81,14 +66,14 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    port = _free_port()
+    port = free_port()
     work = Path(tempfile.mkdtemp(prefix="edged-demo-"))
     (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
     broker = subprocess.Popen([_mosquitto(), "-c", str(work / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     daemon = None
     try:
-        _wait_port(port)
+        wait_port(port)
         env = {**os.environ, "EDGED_MQTT__PORT": str(port), "EDGED_MQTT__HOST": "127.0.0.1",
                "EDGED_DEVICE__ID": "demo", "EDGED_STATE__DIR": str(work / "state"),
                "EDGED_TELEMETRY__INTERVAL_S": "2", "EDGED_LOG__FORMAT": "json"}

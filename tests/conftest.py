@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,31 +15,17 @@ from pathlib import Path
 import pytest
 
 from edged.client import EdgedClient
+from edged.localproc import free_port, mosquitto_binary, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or next(
-    (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
-)
+MOSQUITTO = mosquitto_binary()
 MODELS_DIR = Path(os.environ.get("EDGED_MODELS_DIR", Path.home() / ".cache" / "edged" / "models"))
 GEMMA = MODELS_DIR / "gemma-3-270m-q4_k_m.gguf"
 QWEN = MODELS_DIR / "qwen2.5-coder-0.5b-instruct.gguf"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 @dataclass

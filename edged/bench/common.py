@@ -1,12 +1,8 @@
-"""Shared pieces of `edged bench`: statistics, free ports, the seed's requests and a synthetic tool catalogue."""
+"""Shared pieces of `edged bench`: statistics, the seed's requests and a synthetic tool catalogue."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,39 +30,12 @@ def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits) if a is not None and b else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
-def which(name: str, *extra: str) -> str | None:
-    return shutil.which(name) or next((p for p in extra if os.path.exists(p)), None)
 
 
-def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 15.0) -> None:
-    """SIGTERM, wait, then SIGKILL: never leaves the child behind."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def time_bounded(runs: int, budget_s: float, fn: Callable[[int], None]) -> int:

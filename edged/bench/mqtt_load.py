@@ -20,14 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edged.bench.common import Case, calls_match, percentiles, stop_process, tool_set, wait_port, which
+from edged.bench.common import Case, calls_match, percentiles, tool_set
 from edged.client import EdgedClient
-
-MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
-
-def mosquitto_binary() -> str | None:
-    return which("mosquitto", *MOSQUITTO_PATHS)
+from edged.localproc import mosquitto_binary, stop_process, wait_port, which
 
 
 @dataclass

@@ -12,8 +12,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from edged.bench.common import Case, calls_match, free_port, percentiles, stop_process
+from edged.bench.common import Case, calls_match, percentiles
 from edged.llm.textcalls import parse_text_calls
+from edged.localproc import free_port, stop_process
 
 
 def available() -> bool:

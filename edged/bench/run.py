@@ -179,11 +179,11 @@ def _paired_router(config: Any, spec: str) -> Iterator[Callable[[Case], float]]:
 def phase_daemon(config: Any, models: list[dict[str, Any]], router: str | None, thinker: str | None, plan: Plan,
                  workdir: Path, models_dir: Path) -> dict[str, Any]:
     from edged.bench import mqtt_load
-    from edged.bench.common import free_port
     from edged.client import EdgedClient
+    from edged.localproc import free_port, mosquitto_binary
 
     out: dict[str, Any] = {}
-    if mqtt_load.mosquitto_binary() is None:
+    if mosquitto_binary() is None:
         return {"skipped": "mosquitto is not installed"}
     router_present = any(m["present"] and "router" in m["roles"] for m in models)
     thinker_present = any(m["present"] and "thinker" in m["roles"] for m in models)

@@ -85,17 +85,6 @@ def _options_below(node: _Trie) -> list[int]:
     return out
 
 
-def _only_leads_to(node: _Trie, option: int) -> bool:
-    """Every option below this trie node is `option`."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n.option is not None and n.option != option:
-            return False
-        stack.extend(n.children.values())
-    return True
-
-
 class CallDecoder:
     """Decodes calls for one request; holds the engine lock's owner's state for that request only."""
 
@@ -169,11 +158,13 @@ class CallDecoder:
         if time.monotonic() > self.deadline:
             raise DeadlineExceeded("deadline passed during decoding")
 
-    def _step_logits(self) -> np.ndarray:
+    def _step_logits(self, guess: list[int] | None = None) -> np.ndarray:
+        """One model step: the logits after everything pending (with `guess`: before the guessed tokens, which
+        ride along; `engine.logits()` then gives those after them)."""
         self._check_deadline()
-        self._flush()
+        before = self._flush(guess)
         self.out.steps += 1
-        return self.engine.logits()
+        return self.engine.logits() if before is None else before
 
     def choose(self, options: list[str], abstain: int | None = None,
                hints: list[float] | None = None) -> tuple[int, float]:
@@ -212,22 +203,18 @@ class CallDecoder:
                 self._pending.append(token)
                 self.out.forced += 1
                 continue
-            draft = None if ready is not None or hints is None else _draft(node, hints)
             if ready is not None:
-                logits, ready = ready, None
-            elif draft is not None:
-                self._check_deadline()
-                logits = self._flush(draft[0])  # type: ignore[assignment]
-                self.out.steps += 1
+                logits, ready, draft = ready, None, None
             else:
-                logits = self._step_logits()
+                draft = _draft(node, hints) if hints is not None else None
+                logits = self._step_logits(draft[0] if draft is not None else None)
             ids = np.fromiter(node.children.keys(), dtype=np.int64)
             scores = logits[ids].astype(np.float64)
             probs = np.exp(scores - scores.max())
             probs /= probs.sum()
             best = int(np.argmax(probs))
-            if abstain is not None and probs[best] < 0.5 and len(ids) > 1 and _only_leads_to(
-                    node.children[int(ids[best])], abstain):
+            if abstain is not None and probs[best] < 0.5 and len(ids) > 1 and set(
+                    _options_below(node.children[int(ids[best])])) == {abstain}:
                 probs[best] = -1.0
                 best = int(np.argmax(probs))
             confidence *= float(probs[best])

@@ -128,7 +128,12 @@ class Engine:
             raise ContextFull(f"context of {self.n_ctx} tokens is full")
         t0 = time.perf_counter()
         before = None
-        if peek and 0 < peek + 1 <= min(len(tokens), self.llm.n_batch):
+        if peek >= self.llm.n_batch:
+            raise ValueError(f"a guess of {peek} tokens does not fit one batch of {self.llm.n_batch}")
+        if peek and peek >= len(tokens):  # nothing new before the guess: the logits before it are those held now
+            before = self.logits().copy()
+            self.llm.eval(tokens)
+        elif peek:
             head, tail = tokens[: -(peek + 1)], tokens[-(peek + 1):]
             if head:
                 self.llm.eval(head)

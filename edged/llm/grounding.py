@@ -3,6 +3,7 @@ mentioned is a sign the router is guessing (used to accept extra calls and, late
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -50,9 +51,11 @@ _FILLER = {"what", "which", "that", "this", "then", "tell", "please", "with", "f
            "give", "show", "current", "return", "given", "their", "there", "about", "into", "when", "where"}
 
 
-def _stems(text: str) -> set[str]:
+@functools.lru_cache(maxsize=2048)
+def _stems(text: str) -> frozenset[str]:
+    """Cached: the router asks for every offered tool's name and description on every request."""
     words = re.findall(r"[a-z]+", text.lower().replace("_", " "))
-    return {w.rstrip("s") for w in words if len(w) >= 4 and w not in _FILLER}
+    return frozenset(w.rstrip("s") for w in words if len(w) >= 4 and w not in _FILLER)
 
 
 def relevant(tool_name: str, tool_description: str, query: str) -> bool:
