@@ -27,13 +27,14 @@ def resolve(config: Config, spec: str) -> tuple[Path, ModelEntry | None]:
     return config.models_dir / entry.file, entry
 
 
-def load_engine(config: Config, spec: str) -> tuple[Engine, ModelEntry | None, dict[str, Any]]:
+def load_engine(config: Config, spec: str, *, role: str = "router") -> tuple[Engine, ModelEntry | None, dict[str, Any]]:
     """Verify the file (sha256, cached by size and mtime) before llama.cpp ever sees it, then load it."""
     path, entry = resolve(config, spec)
     sha256 = verify_file(path, entry) if config.models.verify else None
     m = config.models
+    kv_cache_type = m.router_kv_cache_type if role == "router" else m.kv_cache_type
     engine = Engine(path, n_ctx=m.n_ctx, n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers, n_batch=m.n_batch,
-                    kv_cache_type=m.kv_cache_type, use_mmap=m.use_mmap)
+                    kv_cache_type=kv_cache_type, use_mmap=m.use_mmap)
     info = {"model": entry.name if entry else path.name, "file": str(path), "sha256": sha256,
             "load_s": round(engine.load_s, 3)}
     return engine, entry, info
@@ -48,7 +49,8 @@ def build_router(config: Config, spec: str, engine: Engine | None = None) -> Bui
 
 
 def build_thinker(config: Config, spec: str, engine: Engine | None = None) -> Built:
-    loaded, _entry, info = load_engine(config, spec) if engine is None else (engine, None, {"model": spec})
+    loaded, _entry, info = (load_engine(config, spec, role="thinker") if engine is None
+                            else (engine, None, {"model": spec}))
     t = config.thinker
     thinker = Thinker(loaded, name=str(info["model"]), max_steps=t.max_steps, max_tokens=t.max_tokens,
                       enable_thinking=t.enable_thinking, temperature=t.temperature, seed=t.seed)
