@@ -9,10 +9,11 @@ an I/O error), the command is still answered and acknowledged, and the failure i
 every few seconds, with a count). What was already committed stays intact: SQLite's WAL rolls back a write that
 could not complete. Only the redelivery guarantee weakens for the commands answered meanwhile.
 
-One commit per command: the dispatcher defers "published" (`mark_published(key, defer=True)`) into the next
-`put`'s transaction, or `flush` when it is idle. Until then the mark lives in memory (`get` sees it), so only a
-killed process loses it, for at most the one command per worker that has not stored its next result yet: the
-same bound on results sent twice as when each mark was its own commit.
+At most one commit per command: the dispatcher defers "published" (`mark_published(key, defer=True)`) into the
+next `put`'s transaction, or `flush` when it is idle, and stores the results of a run of quick commands taken
+off a backlog with one `put_many`. Until then the mark lives in memory (`get` sees it), so only a
+killed process loses it: the results sent twice after a crash are bounded by the replies a worker has with the
+broker at once (one, or a run of quick commands: the dispatcher's `reply_window`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -101,15 +103,22 @@ class AnsweredStore:
 
     def put(self, key: str, result: bytes) -> None:
         """Store a result (not yet published), committing the deferred marks in the same transaction."""
+        self.put_many([(key, result)])
+
+    def put_many(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        """Store results (none published yet) and the deferred marks in one commit: a worker that took several
+        commands off a backlog pays for one commit, not one each. With no rows it is `flush`."""
         if self.capacity == 0:
             return
         with self._lock:
-            self._pending.pop(key, None)  # a new result for this key is not published yet
-            rowid = self._transaction("put", key, result)
-            if rowid is None:
+            for key, _ in rows:
+                self._pending.pop(key, None)  # a new result for this key is not published yet
+            if not rows and not self._pending:
                 return
-            self._known.pop(key, None)
-            self._known[key] = rowid
+            rowids = self._transaction("put", rows)
+            for (key, _), rowid in zip(rows, rowids or (), strict=False):
+                self._known.pop(key, None)
+                self._known[key] = rowid
 
     def mark_published(self, key: str, *, defer: bool = False) -> None:
         """The broker has this result. `defer`: commit it with the next put or flush (see the module doc)."""
@@ -131,23 +140,24 @@ class AnsweredStore:
             if self._pending:
                 self._transaction("flush")
 
-    def _transaction(self, op: str, key: str | None = None, result: bytes | None = None) -> int | None:
-        """One commit: the pending marks, the new row if any, and pruning past capacity. The new row's rowid,
+    def _transaction(self, op: str, rows: Sequence[tuple[str, bytes]] = ()) -> list[int] | None:
+        """One commit: the pending marks, the new rows if any, and pruning past capacity. The new rows' rowids,
         or None when it failed (rolled back, the failure logged; the marks are dropped, like a failed write)."""
         marks = list(self._pending.values())
         self._pending.clear()
         db = self._db
-        rowid: int | None = None
+        rowids: list[int] = []
         try:
             db.execute("BEGIN")
             if marks:
                 db.execute(f"UPDATE answered SET published=1 WHERE rowid IN ({','.join('?' * len(marks))})",
                            marks)
-            if key is not None:
+            now = time.time()
+            for key, result in rows:
                 cur = db.execute("INSERT OR REPLACE INTO answered(key, result, published, ts) VALUES (?, ?, 0, ?)",
-                                 (key, result, time.time()))
-                rowid = cur.lastrowid
-            if len(self._known) >= self.capacity + PRUNE_EVERY:
+                                 (key, result, now))
+                rowids.append(cast(int, cur.lastrowid))
+            if len(self._known) + len(rows) >= self.capacity + PRUNE_EVERY:
                 self._prune()
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -158,7 +168,7 @@ class AnsweredStore:
                 except sqlite3.Error:
                     pass
             return None  # keys popped by a pruning that rolled back are the oldest: deleted by the next one
-        return rowid
+        return rowids
 
     def _prune(self) -> None:
         """Delete the oldest rows down to capacity (inside the caller's transaction)."""

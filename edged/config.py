@@ -217,6 +217,13 @@ class LimitsConfig(_Section):
         10000, description="Recently answered ids kept to answer redeliveries without re-running.", ge=0, le=10**7
     )
     retry_after_ms: int = Field(1000, description="Retry hint sent with a 'busy' result.", ge=0, le=3600_000)
+    reply_window: int = Field(
+        32, description="Quick commands (direct calls) a worker takes off a backlog and answers together: their "
+        "results are stored in one commit and published at once. A crash may send that many replies per worker "
+        "again, or run again that many whose results were not stored yet (none of their replies was sent); "
+        "1 = at most one per worker, at about 2/3 of the direct-call throughput.",
+        ge=1, le=1024,
+    )
 
 
 class ToolsConfig(_Section):

@@ -72,7 +72,7 @@ class Daemon:
         self.dispatcher = Dispatcher(
             self.bus, self.pipeline, self.store, self.metrics,
             queue_size=config.limits.queue_size, max_payload=config.mqtt.max_payload_bytes,
-            retry_after_ms=config.limits.retry_after_ms,
+            retry_after_ms=config.limits.retry_after_ms, reply_window=config.limits.reply_window,
         )
         self.tier3 = Tier3.build(config, self.pipeline, self.bus, self.store) if config.remote.url else None
         self.sampler = ResourceSampler(lambda: self.config.models_dir)

@@ -90,3 +90,27 @@ def test_disabled_store_remembers_nothing(tmp_path: Path) -> None:
     store.mark_published("k", defer=True)
     store.flush()
     assert store.get("k") is None
+
+
+def test_a_run_is_one_commit_with_the_marks_before_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's run of quick commands: the earlier marks and every new row go to disk together, in order."""
+    monkeypatch.setattr(answered, "PRUNE_EVERY", 4)
+    path = tmp_path / "a.sqlite3"
+    store = AnsweredStore(path, 6)
+    store.put("k0", b"r0")
+    store.mark_published("k0", defer=True)
+    commits: list[str] = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    store.put_many([(f"k{i}", f"r{i}".encode()) for i in range(1, 9)])
+    assert commits == ["COMMIT"]
+    assert _published_on_disk(path, "k0") is True
+    assert all(_published_on_disk(path, f"k{i}") is False for i in range(1, 9))
+    assert store.get("k8") == (b"r8", False)
+    store.put_many([(f"k{i}", b"r") for i in range(9, 12)])  # past capacity + PRUNE_EVERY: pruned in the same commit
+    assert len(store) == 6 + 3 and store.get("k2") is None and store.get("k3") is not None
+    assert list(store._known) == [f"k{i}" for i in range(3, 12)]
+    for i in range(9, 12):
+        store.mark_published(f"k{i}", defer=True)
+    store.put_many([])  # no rows: it commits the marks, like flush
+    assert _published_on_disk(path, "k11") is True
+    store.close()
