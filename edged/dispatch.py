@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 import structlog
 
+from edged import heap
 from edged.answered import AnsweredStore
 from edged.bus import Inbound, MqttBus
 from edged.pipeline import Pipeline
@@ -73,6 +74,7 @@ class Dispatcher:
         self._threads = [threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True) for i in range(workers)]
         # per worker: monotonic time its current request must be done by (None when idle); the watchdog reads it
         self.busy_until: dict[str, float | None] = {t.name: None for t in self._threads}
+        self._worked = threading.Event()  # a command was taken since the last idle trim
         self._tool_s: dict[str, float] = {}  # tool name -> how long its last direct call took
         bus.workers = workers  # with the queue, this sets the Receive Maximum the bus asks of the broker
 
@@ -130,9 +132,13 @@ class Dispatcher:
                     self._send(run)  # the backlog is gone: send what the run holds
                 else:
                     self.store.flush()  # idle: make the deferred "published" marks durable
+                    if self._worked.is_set():
+                        self._worked.clear()
+                        heap.trim()  # and give back what the work freed
                 continue
             if run and not self._quick(work):
                 self._send(run)  # quick results never wait for a model or a slow tool
+            self._worked.set()
             started = time.monotonic()
             out: Outgoing | None = None
             try:

@@ -16,7 +16,7 @@ from typing import Any
 import sdnotify
 import structlog
 
-from edged import __version__
+from edged import __version__, heap
 from edged.answered import AnsweredStore
 from edged.bus import MqttBus
 from edged.config import Config
@@ -132,6 +132,7 @@ class Daemon:
     def run(self) -> int:
         self.install_signals()
         self.notify("STATUS=loading models")
+        heap.fix_mmap_threshold()
         self.models = load_models(self.config, on_progress=lambda msg: self.notify("EXTEND_TIMEOUT_USEC=60000000",
                                                                                      f"STATUS={msg}"))
         self.pipeline.router = self.models.router
@@ -140,6 +141,7 @@ class Daemon:
         if warm is not None:
             self.notify("STATUS=warming the router's prompt cache")
             warm(self.pipeline.tool_specs())
+        heap.trim()  # what loading and warming freed
         self.dispatcher.start()
         if self.tier3 is not None:
             self.tier3.start()

@@ -170,7 +170,7 @@ class Engine:
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-        return self.tokens(), bytes(buf[:written])
+        return self.tokens(), bytes(memoryview(buf)[:written])  # slicing the ctypes array would build a list
 
     def restore(self, tokens: list[int], state: bytes) -> bool:
         """Put a snapshot back; False (and an empty context) if llama.cpp refuses it."""
