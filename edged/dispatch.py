@@ -33,6 +33,7 @@ from edged.tiers import ReplyAddress
 log = structlog.get_logger(__name__)
 
 
+IDLE_TRIM_S = 1.0  # idle this long, freed memory goes back to the OS: a steady stream keeps reusing it
 QUICK_S = 0.002  # a command that ran for less than this may wait in a run for the ones after it
 
 
@@ -75,6 +76,7 @@ class Dispatcher:
         # per worker: monotonic time its current request must be done by (None when idle); the watchdog reads it
         self.busy_until: dict[str, float | None] = {t.name: None for t in self._threads}
         self._worked = threading.Event()  # a command was taken since the last idle trim
+        self._last_work = 0.0
         self._tool_s: dict[str, float] = {}  # tool name -> how long its last direct call took
         bus.workers = workers  # with the queue, this sets the Receive Maximum the bus asks of the broker
 
@@ -132,7 +134,7 @@ class Dispatcher:
                     self._send(run)  # the backlog is gone: send what the run holds
                 else:
                     self.store.flush()  # idle: make the deferred "published" marks durable
-                    if self._worked.is_set():
+                    if self._worked.is_set() and time.monotonic() - self._last_work >= IDLE_TRIM_S:
                         self._worked.clear()
                         heap.trim()  # and give back what the work freed
                 continue
@@ -148,6 +150,7 @@ class Dispatcher:
                 self._fail(work)
             finally:
                 self.busy_until[name] = None
+                self._last_work = time.monotonic()
                 structlog.contextvars.clear_contextvars()
             if out is None:
                 self.queue.task_done()

@@ -132,7 +132,7 @@ class Daemon:
     def run(self) -> int:
         self.install_signals()
         self.notify("STATUS=loading models")
-        heap.fix_mmap_threshold()
+        heap.fix_thresholds()
         self.models = load_models(self.config, on_progress=lambda msg: self.notify("EXTEND_TIMEOUT_USEC=60000000",
                                                                                      f"STATUS={msg}"))
         self.pipeline.router = self.models.router
