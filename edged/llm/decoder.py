@@ -97,7 +97,6 @@ class CallDecoder:
         self.copy_bias = copy_bias
         self.max_calls = max_calls
         self.max_string_tokens = max_string_tokens
-        self._tok_cache: dict[str, list[int]] = {}
         self.deadline = float("inf")
         self.out = Decoded()
         self._copy_ids: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -107,12 +106,8 @@ class CallDecoder:
 
     # -- primitives ------------------------------------------------------------------------------------------------
 
-    def _tok(self, text: str) -> list[int]:
-        cached = self._tok_cache.get(text)
-        if cached is None:
-            cached = self.engine.tokenize(text)
-            self._tok_cache[text] = cached
-        return cached
+    def _tok(self, text: str) -> tuple[int, ...]:
+        return self.engine.tokenize_piece(text)
 
     def _force(self, text: str) -> None:
         """Forced text is not evaluated now: it rides along with the next model step's batch."""

@@ -52,6 +52,7 @@ class Engine:
         self.n_ctx = n_ctx
         self.metadata: dict[str, str] = dict(self.llm.metadata)
         self._pieces: dict[int, bytes] = {}
+        self._piece_tokens: dict[str, tuple[int, ...]] = {}
         self._vocab = self.llm._model.vocab
         self.eos_ids = {t for t in (self.llm.token_eos(),) if t >= 0}
         # accounting, read by telemetry
@@ -72,6 +73,16 @@ class Engine:
     def tokenize(self, text: str, *, bos: bool = False, special: bool = True) -> list[int]:
         """Text to tokens; `special=False` for text from outside, so it cannot smuggle in control tokens."""
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
+
+    def tokenize_piece(self, text: str) -> tuple[int, ...]:
+        """Syntax pieces and tool names, tokenized once per engine rather than once per request: with 50 tools the
+        router's name trie took ~250 tokenizer calls (~6 ms) per request. Bounded: cleared past 8192 texts."""
+        cached = self._piece_tokens.get(text)
+        if cached is None:
+            if len(self._piece_tokens) >= 8192:
+                self._piece_tokens.clear()
+            cached = self._piece_tokens[text] = tuple(self.tokenize(text))
+        return cached
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens by their text), cached: the vocabulary never changes."""
