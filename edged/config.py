@@ -127,10 +127,10 @@ class ModelsConfig(_Section):
     kv_cache_type: Literal["f16", "q8_0"] = Field(
         "q8_0", description="KV cache precision of the thinker; q8_0 halves its memory."
     )
-    router_kv_cache_type: Literal["f16", "q8_0"] = Field(
-        "f16", description="KV cache precision of the router (and of a model serving both roles): f16 keeps "
-        "attention over a long tool prompt cheap (50 tools cost ~1.1x 3 tools, ~1.25x with q8_0) for ~36 MB "
-        "more at n_ctx 4096 with the Gemma 3 270M file.",
+    router_kv_cache_type: Literal["auto", "f16", "q8_0"] = Field(
+        "auto", description="KV cache precision of the router (and of a model serving both roles). auto = what "
+        "the manifest measured for the model, else q8_0: f16 for the Gemma 3 270M files keeps attention over a "
+        "long tool prompt cheap (50 tools ~1.1x 3 tools per step, ~1.25x with q8_0) for ~36 MB at n_ctx 4096.",
     )
     use_mmap: bool = Field(
         False, description="Map weights from the file (pages shared with the page cache) instead of reading them.",

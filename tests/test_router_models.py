@@ -190,3 +190,26 @@ def test_per_command_tools_are_returned_not_executed(qwen: LocalRouter) -> None:
     assert result.status == "ok"
     assert [(c.name, c.arguments, c.result) for c in result.calls] == [
         ("set_light", {"room": "kitchen", "state": "on"}, None)]
+
+
+@pytest.mark.parametrize(("spec", "setting", "expected"), [
+    ("gemma3-270m-q4km", "auto", "f16"),  # the manifest's measured choice
+    (str(GEMMA), "auto", "f16"),  # found by file name for a path too
+    ("qwen2.5-coder-0.5b", "auto", "q8_0"),  # nothing measured: the memory-saving default
+    ("gemma3-270m-q4km", "q8_0", "q8_0"),  # the config wins when it says so
+])
+def test_router_kv_cache_precision(spec: str, setting: str, expected: str) -> None:
+    import llama_cpp
+
+    from edged.llm.loader import load_engine
+
+    if not (GEMMA if "gemma" in spec else QWEN).exists():
+        pytest.skip("run scripts/setup (edged models fetch)")
+    config = Config.model_validate({"models": {"dir": str(MODELS_DIR), "router_kv_cache_type": setting}})
+    engine, _entry, _info = load_engine(config, spec)
+    try:
+        types = {llama_cpp.GGML_TYPE_F16: "f16", llama_cpp.GGML_TYPE_Q8_0: "q8_0"}
+        params = engine.llm.context_params
+        assert types[params.type_k] == types[params.type_v] == expected
+    finally:
+        engine.close()

@@ -32,7 +32,11 @@ def load_engine(config: Config, spec: str, *, role: str = "router") -> tuple[Eng
     path, entry = resolve(config, spec)
     sha256 = verify_file(path, entry) if config.models.verify else None
     m = config.models
-    kv_cache_type = m.router_kv_cache_type if role == "router" else m.kv_cache_type
+    kv_cache_type: str = m.kv_cache_type
+    if role == "router":
+        kv_cache_type = m.router_kv_cache_type
+        if kv_cache_type == "auto":  # measured per model in the manifest (found by file name for a path spec too)
+            kv_cache_type = (entry.kv_cache_type if entry is not None else None) or "q8_0"
     engine = Engine(path, n_ctx=m.n_ctx, n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers, n_batch=m.n_batch,
                     kv_cache_type=kv_cache_type, use_mmap=m.use_mmap)
     info = {"model": entry.name if entry else path.name, "file": str(path), "sha256": sha256,

@@ -36,6 +36,9 @@ class ModelEntry(BaseModel):
     size: int | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     default: bool = False
+    kv_cache_type: Literal["f16", "q8_0"] | None = Field(
+        None, description="KV cache precision this model runs with where the config says 'auto' (measured per model)."
+    )
     sources: list[Source] = Field(min_length=1)
 
 
