@@ -57,6 +57,11 @@ class Outgoing:
     result: Result | None = None
 
 
+def _new_results(run: list[Outgoing]) -> list[tuple[str, bytes]]:
+    """The rows a run adds to the answered store: its new results (not stored replies sent again, nor errors)."""
+    return [(o.key, o.payload) for o in run if o.result is not None and o.key is not None]
+
+
 class Dispatcher:
     def __init__(self, bus: MqttBus, pipeline: Pipeline, store: AnsweredStore, metrics: Metrics, *,
                  queue_size: int, max_payload: int, retry_after_ms: int, workers: int = 2,
@@ -75,8 +80,8 @@ class Dispatcher:
         self._threads = [threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True) for i in range(workers)]
         # per worker: monotonic time its current request must be done by (None when idle); the watchdog reads it
         self.busy_until: dict[str, float | None] = {t.name: None for t in self._threads}
-        self._worked = threading.Event()  # a command was taken since the last idle trim
-        self._last_work = 0.0
+        self._last_work = 0.0  # monotonic time a worker last finished a command
+        self._trimmed_at = 0.0  # ... and the heap was last trimmed: trim again only after more work
         self._tool_s: dict[str, float] = {}  # tool name -> how long its last direct call took
         bus.workers = workers  # with the queue, this sets the Receive Maximum the bus asks of the broker
 
@@ -134,13 +139,13 @@ class Dispatcher:
                     self._send(run)  # the backlog is gone: send what the run holds
                 else:
                     self.store.flush()  # idle: make the deferred "published" marks durable
-                    if self._worked.is_set() and time.monotonic() - self._last_work >= IDLE_TRIM_S:
-                        self._worked.clear()
+                    now = time.monotonic()
+                    if self._last_work > self._trimmed_at and now - self._last_work >= IDLE_TRIM_S:
+                        self._trimmed_at = now
                         heap.trim()  # and give back what the work freed
                 continue
             if run and not self._quick(work):
                 self._send(run)  # quick results never wait for a model or a slow tool
-            self._worked.set()
             started = time.monotonic()
             out: Outgoing | None = None
             try:
@@ -159,7 +164,7 @@ class Dispatcher:
             if len(run) >= self.reply_window or time.monotonic() - started >= QUICK_S:
                 self._send(run)
         if run:  # hard stop: store what ran, unpublished; the broker redelivers the commands, the store answers
-            self.store.put_many([(o.key, o.payload) for o in run if o.result is not None and o.key is not None])
+            self.store.put_many(_new_results(run))
 
     def _quick(self, work: Work) -> bool:
         """Expected to take well under QUICK_S: an error reply, or a direct call of a tool that last ran quickly."""
@@ -213,7 +218,7 @@ class Dispatcher:
         broker has its reply. Each published reply whose command is not yet acknowledged is one a crash would
         send again (never run again): at most `reply_window` per worker, 1 when there is no backlog."""
         try:
-            self.store.put_many([(o.key, o.payload) for o in run if o.result is not None and o.key is not None])
+            self.store.put_many(_new_results(run))
             sent: list[tuple[Outgoing, mqtt.MQTTMessageInfo]] = []
             for out in run:
                 try:

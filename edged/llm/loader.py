@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edged.config import Config
 from edged.llm.engine import Engine
@@ -27,7 +27,8 @@ def resolve(config: Config, spec: str) -> tuple[Path, ModelEntry | None]:
     return config.models_dir / entry.file, entry
 
 
-def load_engine(config: Config, spec: str, *, role: str = "router") -> tuple[Engine, ModelEntry | None, dict[str, Any]]:
+def load_engine(config: Config, spec: str, *,
+                role: Literal["router", "thinker"] = "router") -> tuple[Engine, ModelEntry | None, dict[str, Any]]:
     """Verify the file (sha256, cached by size and mtime) before llama.cpp ever sees it, then load it."""
     path, entry = resolve(config, spec)
     sha256 = verify_file(path, entry) if config.models.verify else None
