@@ -86,6 +86,11 @@ def load_models(config: Config, on_progress: Callable[[str], None] | None = None
                                  if spec else {"state": "disabled"})
         log.error("llama_cpp_unavailable", error=str(exc))
         return loaded
+    from edged.llm.engine import build_warning
+
+    warning = build_warning()
+    if warning:
+        log.warning("llama_cpp_build_unsafe", reason=warning)
     loaded.router = _load_role(loaded, "router", config.models.router, lambda s: build_router(config, s),
                                on_progress)
     shared = config.models.thinker == config.models.router and loaded.router is not None

@@ -44,6 +44,14 @@ def gemma() -> Iterator[LocalRouter]:
     yield from _router("gemma3-270m-q4km", GEMMA)
 
 
+def test_installed_llama_cpp_build_has_no_known_crash() -> None:
+    """scripts/setup compiles out llama.cpp's AMX kernels: on a Sapphire Rapids CPU they crash in the first matrix
+    product of a Q4_K file. On such a CPU this fails for a wheel built without that step."""
+    from edged.llm.engine import build_warning
+
+    assert build_warning() is None
+
+
 def _cases(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (CASES / name).read_text().splitlines() if line.strip()]
 

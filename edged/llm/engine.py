@@ -30,6 +30,16 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def build_warning() -> str | None:
+    """Why this llama.cpp build may crash here, if we know of a reason: the daemon says so in its log before the
+    first model step, so a restart loop under systemd has a cause next to it."""
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    if "AMX_INT8 = 1" in info:
+        return ("llama.cpp was built with AMX kernels, which crash in the first matrix product on some CPUs "
+                "(ggml-org/llama.cpp#20824); rebuild llama-cpp-python with scripts/setup (it compiles them out)")
+    return None
+
+
 class Engine:
     def __init__(self, path: Path, *, n_ctx: int = 4096, n_threads: int = 0, n_gpu_layers: int = 0,
                  n_batch: int = 64, kv_cache_type: str = "q8_0", use_mmap: bool = False) -> None:
