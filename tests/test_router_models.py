@@ -52,6 +52,36 @@ def test_installed_llama_cpp_build_has_no_known_crash() -> None:
     assert build_warning() is None
 
 
+def test_routing_from_several_threads_keeps_one_openmp_team(gemma: LocalRouter) -> None:
+    """libgomp gives each calling thread a team of its own, and with more threads than CPUs its barriers sleep in
+    the kernel: steps 1.6x slower. Routing from two new threads must not start a team for either of them."""
+    import threading
+
+    import psutil
+
+    specs = _device_specs()
+    gemma.route("What is the weather in Oslo?", specs, time.monotonic() + 60)
+    before = psutil.Process().num_threads()
+    release, routed = threading.Event(), []
+
+    def worker(city: str) -> None:
+        routed.append(gemma.route(f"What is the weather in {city}?", specs, time.monotonic() + 60))
+        release.wait(30)  # alive while counted: a thread's OpenMP team lives as long as the thread
+
+    workers = [threading.Thread(target=worker, args=(city,)) for city in ("Paris", "Lima")]
+    for t in workers:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(routed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    during = psutil.Process().num_threads()
+    release.set()
+    for t in workers:
+        t.join()
+    assert [r.calls[0].arguments for r in routed if r.calls] and len(routed) == 2
+    assert during == before + 2  # the two workers themselves, no OpenMP threads of theirs
+
+
 def _cases(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (CASES / name).read_text().splitlines() if line.strip()]
 

@@ -19,6 +19,8 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from edged.llm.compute import COMPUTE
+
 
 def default_threads() -> int:
     """Physical cores where psutil can tell (hyper-threads slow llama.cpp down), else logical ones."""
@@ -50,12 +52,16 @@ class Engine:
         t0 = time.monotonic()
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             # swa_full: Gemma 3's sliding-window layers keep every position, so a cached prefix stays reusable
-            self.llm = llama_cpp.Llama(
+            self.llm = COMPUTE.run(lambda: llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                 n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers, logits_all=False,
                 verbose=False, swa_full=True, use_mmap=use_mmap, **kv,
-            )
+            ))
         self.load_s = time.monotonic() - t0
+        # every model step of this engine, ours and llama-cpp-python's own (create_completion), on the one
+        # compute thread: one OpenMP team per process (see edged/llm/compute.py)
+        step = self.llm._ctx.decode
+        self.llm._ctx.decode = lambda batch: COMPUTE.run(step, batch)  # type: ignore[method-assign]
         self.path = path
         self.lock = threading.Lock()
         self.n_vocab = self.llm.n_vocab()
