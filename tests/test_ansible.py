@@ -36,12 +36,10 @@ needs_ansible = pytest.mark.skipif(not PLAYBOOK.exists(), reason="ansible-core i
 
 
 def llama_wheelhouse() -> Path | None:
-    """The cached llama-cpp-python wheel's directory, computed as scripts/setup does."""
-    flavour = hashlib.sha1((os.environ.get("CMAKE_ARGS") or "cpu").encode()).hexdigest()[:10]
-    cache = os.environ.get("EDGED_WHEEL_CACHE") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edged" / "wheels"
-    )
-    wheels = Path(cache) / flavour
+    """The cached llama-cpp-python wheel's directory, as scripts/setup names it."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "setup"), "--wheelhouse"], capture_output=True, text=True,
+                         check=True, timeout=30)
+    wheels = Path(out.stdout.strip())
     return wheels if any(wheels.glob("llama_cpp_python-*.whl")) else None
 
 
