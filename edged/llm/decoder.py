@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edged.llm.engine import Engine
+from edged.llm.engine import DeadlineExceeded, Engine
 from edged.llm.formats import CallSyntax, PromptFormat, none_name
 from edged.llm.grounding import looks_compound, mention_score, relevant, ungrounded_arguments
 from edged.router import ProposedCall, ToolSpec
@@ -27,10 +27,6 @@ from edged.router import ProposedCall, ToolSpec
 TOP_K = 48
 _NUMBER = re.compile(r"-?\d*\.?\d*(e-?\d*)?")
 _INTEGER = re.compile(r"-?\d*")
-
-
-class DeadlineExceeded(Exception):
-    pass
 
 
 @dataclass

@@ -61,7 +61,9 @@ class Engine:
         # every model step of this engine, ours and llama-cpp-python's own (create_completion), on the one
         # compute thread: one OpenMP team per process (see edged/llm/compute.py)
         step = self.llm._ctx.decode
-        self.llm._ctx.decode = lambda batch: COMPUTE.run(step, batch)  # type: ignore[method-assign]
+        self.llm._ctx.decode = lambda batch: COMPUTE.run(self._counted, step, batch)  # type: ignore[method-assign]
+        self._decodes = 0  # llama_decode calls so far: logits read later belong to the last one
+        self._fresh: tuple[int, int] | None = None  # (decodes, n_tokens) when the logits are the last token's
         self.path = path
         self.lock = threading.Lock()
         self.n_vocab = self.llm.n_vocab()
@@ -71,12 +73,20 @@ class Engine:
         self._piece_tokens: dict[str, tuple[int, ...]] = {}
         self._vocab = self.llm._model.vocab
         self.eos_ids = {t for t in (self.llm.token_eos(),) if t >= 0}
+        self._sampler_cache: dict[tuple[Any, ...], Any] = {}
         # accounting, read by telemetry
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.prompt_s = 0.0
         self.decode_s = 0.0
         self.requests = 0
+
+    def _counted(self, step: Any, batch: Any) -> None:
+        self._decodes += 1
+        step(batch)
+
+    def _mark_fresh(self) -> None:
+        self._fresh = (self._decodes, int(self.llm.n_tokens))
 
     @property
     def architecture(self) -> str:
@@ -121,6 +131,7 @@ class Engine:
     def rewind(self, n: int) -> None:
         """Forget everything after the first `n` evaluated tokens."""
         if n < self.llm.n_tokens:
+            self._fresh = None
             if not self.llm._ctx.kv_cache_seq_rm(-1, n, -1):
                 self.llm.reset()
                 self.llm._ctx.kv_cache_clear()
@@ -134,6 +145,9 @@ class Engine:
         At least the last token (with `peek`, the last peek + 1) is re-evaluated so its logits are fresh.
         """
         held = self.llm.input_ids[: self.llm.n_tokens]
+        if not peek and self._fresh == (self._decodes, len(tokens)) and len(held) == len(tokens) and np.array_equal(
+                held, np.asarray(tokens, dtype=held.dtype)):
+            return len(tokens), None  # held, with the last token's logits still there: nothing to evaluate
         limit = min(len(held), len(tokens) - 1 - peek)
         common = 0
         if limit > 0:
@@ -167,6 +181,7 @@ class Engine:
             before = self._eval_two_rows(tail)
         else:
             self.llm.eval(tokens)
+        self._mark_fresh()
         dt = time.perf_counter() - t0
         if prompt or len(tokens) > 1:
             self.prompt_tokens += len(tokens)
@@ -203,6 +218,7 @@ class Engine:
         """Put a snapshot back; False (and an empty context) if llama.cpp refuses it."""
         self.llm._ctx.kv_cache_clear()
         self.llm.n_tokens = 0
+        self._fresh = None
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if llama_cpp.llama_state_seq_set_data(self.llm._ctx.ctx, buf, len(state), 0) != len(state):
             self.llm._ctx.kv_cache_clear()
@@ -215,6 +231,68 @@ class Engine:
         """The last evaluated token's logits: a view into llama.cpp's buffer, valid until the next feed."""
         ptr = self.llm._ctx.get_logits_ith(-1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def generate(self, tokens: list[int], max_tokens: int, *, temperature: float, top_p: float, top_k: int,
+                 min_p: float = 0.05, seed: int = -1, stop: tuple[str, ...] = (),
+                 bias: dict[int, float] | None = None, deadline: float = float("inf")) -> tuple[str, int, bool]:
+        """Free generation after `tokens` by llama.cpp's sampler chain; returns (text, tokens, cut by the budget).
+
+        Our loop, not `create_completion`: that re-evaluates the prompt's last token the router or thinker has just
+        evaluated (one model step per answer), and applies a logit bias in Python over the whole vocabulary at every
+        token. Here the bias is llama.cpp's own sampler, and the prompt's logits are used as they are. The time of
+        the whole loop (sampling included) is accounted as decoding."""
+        self.sync(tokens)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, seed, bias)
+        ctx = self.llm._ctx.ctx
+        out, used, cut = b"", 0, False
+        stops = [s.encode() for s in stop]
+        t0 = time.perf_counter()
+        while used < max_tokens:
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded("deadline passed during generation")
+            token = int(llama_cpp.llama_sampler_sample(sampler, ctx, -1))
+            if self.is_end(token):
+                break
+            out += self.piece(token)
+            used += 1
+            hit = next((out.index(s) for s in stops if s in out), None)
+            if hit is not None:
+                out = out[:hit]
+                break
+            if used == max_tokens:  # the budget's last token is not evaluated: nothing would read its logits
+                cut = True
+                break
+            if self.llm.n_tokens + 1 > self.n_ctx:
+                raise ContextFull(f"context of {self.n_ctx} tokens is full")
+            self.llm.eval([token])
+            self._mark_fresh()
+        self.generated_tokens += used
+        self.decode_s += time.perf_counter() - t0
+        return out.decode("utf-8", "replace"), used, cut
+
+    def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, seed: int,
+                 bias: dict[int, float] | None) -> Any:
+        """A sampler chain as create_completion builds it (top-k, top-p, min-p, temperature, draw; greedy at 0),
+        with the bias first. Kept per settings: a chain is built once, and reset (its RNG reseeded) per use."""
+        key = (temperature, top_p, top_k, min_p, seed, tuple(sorted((bias or {}).items())))
+        chain = self._sampler_cache.get(key)
+        if chain is None:
+            if len(self._sampler_cache) >= 16:
+                self._sampler_cache.clear()
+            chain = self._sampler_cache[key] = llama_cpp._internals.LlamaSampler()
+            if bias:
+                chain.add_logit_bias(self.n_vocab, bias)
+            if temperature <= 0:
+                chain.add_greedy()
+            else:
+                chain.add_top_k(top_k)
+                chain.add_top_p(top_p, 1)
+                chain.add_min_p(min_p, 1)
+                chain.add_temp(temperature)
+                chain.add_dist(seed if seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
+        else:
+            llama_cpp.llama_sampler_reset(chain.sampler)
+        return chain.sampler
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -233,3 +311,7 @@ class Engine:
 
 class ContextFull(Exception):
     """The request does not fit in the context window."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed while the model was working on it."""

@@ -9,8 +9,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from edged.llm.decoder import CallDecoder, DeadlineExceeded
-from edged.llm.engine import ContextFull, Engine
+from edged.llm.decoder import CallDecoder
+from edged.llm.engine import ContextFull, DeadlineExceeded, Engine
 from edged.llm.formats import PromptFormat
 from edged.router import RouteOutcome, ToolSpec
 

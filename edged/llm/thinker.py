@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from edged.llm.decoder import CallDecoder, DeadlineExceeded, Decoded
-from edged.llm.engine import ContextFull, Engine
+from edged.llm.decoder import CallDecoder, Decoded
+from edged.llm.engine import ContextFull, DeadlineExceeded, Engine
 from edged.llm.formats import HermesFormat
 from edged.llm.grounding import relevant
 from edged.llm.router import neutralize
@@ -91,21 +90,14 @@ class Thinker:
         )
 
     def _complete(self, tokens: list[int], max_tokens: int, sampling: Sampling, stop: list[str],
-                  ban: dict[int, float] | None = None) -> tuple[str, int, bool]:
+                  ban: dict[int, float] | None = None, deadline: float = float("inf")) -> tuple[str, int, bool]:
         """Free generation by llama.cpp's own sampler chain (near raw decoding speed); True if cut by the budget."""
         max_tokens = min(max_tokens, self.engine.n_ctx - len(tokens) - 1)
         if max_tokens <= 0:
             raise ContextFull("no room left in the context")
-        t0 = time.perf_counter()
-        out = self.engine.llm.create_completion(
-            tokens, max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, stop=stop, seed=None if self.seed < 0 else self.seed, logit_bias=ban,
-        )
-        text = str(out["choices"][0]["text"])  # type: ignore[index]
-        used = int(out["usage"]["completion_tokens"])  # type: ignore[index]
-        self.engine.generated_tokens += used
-        self.engine.decode_s += time.perf_counter() - t0
-        return text, used, out["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+        return self.engine.generate(tokens, max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                                    top_k=sampling.top_k, seed=self.seed, stop=tuple(stop), bias=ban,
+                                    deadline=deadline)
 
     def answer(self, conversation: Conversation) -> TierAnswer:
         thinking = self.can_think and (conversation.enable_thinking if conversation.enable_thinking is not None
@@ -124,7 +116,8 @@ class Thinker:
                     usage["steps"] += 1
                     prompt = self.engine.tokenize(self._render(messages, conversation.tools, thinking), bos=True)
                     if thinking:
-                        text, used, _ = self._complete(prompt, budget, sampling, ["</think>", *STOPS])
+                        text, used, _ = self._complete(prompt, budget, sampling, ["</think>", *STOPS],
+                                                      deadline=conversation.deadline)
                         budget -= used
                         usage["thinking_tokens"] += used
                         prompt = prompt + self.engine.tokenize(text + "</think>\n\n", special=False)
@@ -161,7 +154,7 @@ class Thinker:
                     # short primer keeps a small model from echoing JSON instead of answering
                     primer = ANSWER_PRIMER if seen else ""
                     text, used, cut = self._complete(prompt + self.engine.tokenize(primer, special=False), budget,
-                                                     sampling, STOPS, self._no_calls)
+                                                     sampling, STOPS, self._no_calls, conversation.deadline)
                     text = primer + text
                     usage["generated_tokens"] += used
                     if cut:
