@@ -1,10 +1,13 @@
 """Helpers for the reliability, fault and soak tests: a results collector that survives broker restarts, a load
-sender built on mosquitto_pub, a pausable TCP proxy that stands in for a network cut, and the exactly-once audit."""
+sender built on mosquitto_pub, a pausable TCP proxy that stands in for a network cut, a CPU throttle that makes this
+machine a slow device, and the exactly-once audit."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -155,6 +158,41 @@ class Audit:
                 "lost": len(self.lost), "executed_twice": len(self.executed_twice),
                 "store_copies": self.extra_copies, "busy_repeats": self.busy_repeats, "busy_then_ok": self.busy_then_ok,
                 "transport_dups": self.transport_dups, "statuses": dict(self.statuses())}
+
+
+class Throttle:
+    """Runs a process `share` of the time (SIGSTOP/SIGCONT in 20 ms periods), as on a device a tenth as fast.
+
+    Some checks need work still in flight when something happens (a broker restart, telemetry during a burst); on a
+    fast machine the daemon answers 500 direct calls in ~0.1 s and nothing is in flight any more."""
+
+    def __init__(self, pid: int, share: float = 0.1, period_s: float = 0.02) -> None:
+        self.pid, self.run_s, self.stop_s = pid, period_s * share, period_s * (1 - share)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Throttle:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while not self._done.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                time.sleep(self.stop_s)
+                os.kill(self.pid, signal.SIGCONT)
+                time.sleep(self.run_s)
+        except ProcessLookupError:
+            return
+        finally:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 class TcpProxy:

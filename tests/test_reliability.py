@@ -23,7 +23,15 @@ import psutil
 import pytest
 
 from edged.config import LimitsConfig
-from tests.reliability_helpers import MOSQUITTO_PUB, Audit, Collector, TcpProxy, command_lines, send_lines
+from tests.reliability_helpers import (
+    MOSQUITTO_PUB,
+    Audit,
+    Collector,
+    TcpProxy,
+    Throttle,
+    command_lines,
+    send_lines,
+)
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow,
               pytest.mark.skipif(MOSQUITTO_PUB is None, reason="mosquitto-clients not installed")]
@@ -91,11 +99,12 @@ def test_broker_restart_mid_stream(daemon_factory, broker) -> None:
     daemon = daemon_factory.make("dev1")
     results = Collector(broker.port, "rel/replies", "collector-broker")
     try:
-        sender, ids = _stream(broker.port, "m")
-        sender.join(30)  # the commands are at the broker; now restart it under the daemon
-        results.wait_count(50, timeout=20)
-        broker.stop()  # SIGTERM: mosquitto saves its persistence file on the way down
-        stopped_at = results.count()
+        with Throttle(daemon.proc.pid):  # a slow device: commands still in flight when the broker goes down
+            sender, ids = _stream(broker.port, "m")
+            sender.join(30)  # the commands are at the broker; now restart it under the daemon
+            results.wait_count(50, timeout=20)
+            broker.stop()  # SIGTERM: mosquitto saves its persistence file on the way down
+            stopped_at = results.count()
         time.sleep(0.5)
         broker.start()
         results.wait_ids(ids, timeout=60)
@@ -166,15 +175,17 @@ def test_burst_of_ten_times_capacity_memory_bounded_and_still_reporting(daemon_f
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        t0 = time.monotonic()
-        senders = [threading.Thread(target=send_lines, args=(broker.port, "edged/dev1/cmd", "rel/replies", b))
-                   for b in batches]
-        for s in senders:
-            s.start()
-        for s in senders:
-            s.join(60)
-        results.wait_ids(ids, timeout=90)
-        t_end = time.monotonic()
+        # as on a slow device, so the burst lasts long enough for telemetry to be due several times during it
+        with Throttle(d.proc.pid, share=0.25):
+            t0 = time.monotonic()
+            senders = [threading.Thread(target=send_lines, args=(broker.port, "edged/dev1/cmd", "rel/replies", b))
+                       for b in batches]
+            for s in senders:
+                s.start()
+            for s in senders:
+                s.join(60)
+            results.wait_ids(ids, timeout=90)
+            t_end = time.monotonic()
         done.set()
         sampler.join()
         audit = Audit.of(ids, results.received)
