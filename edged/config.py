@@ -143,7 +143,8 @@ class ModelsConfig(_Section):
         0.0, description="Below this confidence in its tool choice the router hands over (escalates).", ge=0, le=1
     )
     check_grounding: bool = Field(
-        True, description="Escalate when a tier-1 call has a free-text value the request never mentioned."
+        True, description="Escalate when a tier-1 call has a free-text value the request never mentioned, or the "
+        "request needs an earlier step's result ('..., then the weather in her city')."
     )
     verify: bool = Field(True, description="Check each file's sha256 (cached by size and mtime) before loading.")
 

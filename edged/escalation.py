@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edged.llm.grounding import ungrounded_arguments
+from edged.llm.grounding import looks_dependent, ungrounded_arguments
 from edged.protocol import CallResult, ErrorCode
 from edged.router import RouteOutcome, ToolSpec
 
@@ -41,6 +41,8 @@ class EscalationPolicy:
                                      for c in calls):
             return "invalid_arguments"
         if self.check_grounding:
+            if looks_dependent(query):  # a value must come from an earlier call's result: only tier 2 chains
+                return "depends_on_earlier_result"
             by_name = {t.name: t for t in tools}
             for call in outcome.calls:
                 if ungrounded_arguments(call, query, exempt=free_form_keys(by_name.get(call.name))):

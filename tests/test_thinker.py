@@ -66,6 +66,28 @@ def test_two_step_request_uses_the_first_result_in_the_second_call(models: Loade
 
 
 @pytest.mark.model
+def test_a_chained_request_leaves_tier_1_for_the_thinker(models: LoadedModels) -> None:
+    """With the router in front: tier 1 writes every call at once from the request's words, so "her city" would
+    become get_weather(city="Alice") (the Gemma stand-in does exactly that); the policy hands it over."""
+    query = "Look up Alice in my contacts, then tell me the weather in her city."
+    result = _pipeline(models).handle(Command(id="t3", query=query), time.monotonic())
+    assert result.escalations[0] == {"from": 1, "reason": "depends_on_earlier_result"}
+    assert result.status == "ok" and result.tier == 2
+    assert [(c.name, c.arguments) for c in result.calls] == [
+        ("search_contacts", {"name": "Alice"}), ("get_weather", {"city": "Tokyo"})]
+
+
+def test_which_requests_depend_on_an_earlier_result() -> None:
+    from edged.llm.grounding import looks_dependent
+
+    assert looks_dependent("Look up Alice in my contacts, then tell me the weather in her city.")
+    assert looks_dependent("Find Bob and then tell me the weather there")
+    assert not looks_dependent("Weather in Oslo, then look up Emma")
+    assert not looks_dependent("Weather in London and find Bob's contact")
+    assert not looks_dependent("What is the weather in Tokyo?")
+
+
+@pytest.mark.model
 def test_chat_request_is_answered_in_words_without_calls(models: LoadedModels) -> None:
     result = _pipeline(models, router=False).handle(Command(id="c", query="Write a haiku about the sea"),
                                                       time.monotonic())

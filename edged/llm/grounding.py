@@ -42,6 +42,16 @@ def ungrounded_arguments(call: ProposedCall, query: str, exempt: set[str] | None
             if (exempt is None or k not in exempt) and not value_grounded(v, query)]
 
 
+_DEPENDENT = re.compile(r"\b(then|after that|afterwards|and use|using)\b.*\b(her|his|their|its|him|them|there)\b",
+                        re.IGNORECASE)
+
+
+def looks_dependent(query: str) -> bool:
+    """A request whose later step needs what an earlier one finds ("look up Alice, then the weather in her city"):
+    tier 1 writes all calls at once from the request's own words, so it would fill "her city" with "Alice"."""
+    return bool(_DEPENDENT.search(query))
+
+
 def looks_compound(query: str) -> bool:
     """A request that may need more than one call ("... and ...")."""
     return bool(_COMPOUND.search(query))
