@@ -156,8 +156,29 @@ class Daemon:
         self.notify("READY=1", f"STATUS={self._summary()}")
         log.info("ready", device=self.config.device.id, version=__version__, tools=self.registry.names(),
                  models=self.models.describe())
+        self._warm_thinker()
         self._serve()
         return self._shutdown()
+
+    def _warm_thinker(self) -> None:
+        """The thinker's prompt is warmed after READY, in the background: tier 1 serves at once, and a tier-2
+        request that comes first waits on the engine lock for what it would have evaluated anyway. Not when the
+        thinker shares the router's engine: it would push the router's warmed prefix out of the context."""
+        thinker, router = self.models.thinker, self.models.router
+        warm = getattr(thinker, "warm", None)
+        engine = getattr(thinker, "engine", None)
+        if warm is None or engine is None or engine is getattr(router, "engine", None):
+            return
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                warm(self.pipeline.tool_specs())
+                log.info("thinker_warm", seconds=round(time.monotonic() - t0, 3))
+            except Exception:
+                log.exception("thinker_warm_failed")
+
+        threading.Thread(target=run, name="warm-thinker", daemon=True).start()
 
     def _summary(self) -> str:
         snap = self.metrics.snapshot()

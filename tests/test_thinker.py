@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import GEMMA, MODELS_DIR, QWEN
@@ -75,6 +76,23 @@ def test_a_chained_request_leaves_tier_1_for_the_thinker(models: LoadedModels) -
     assert result.status == "ok" and result.tier == 2
     assert [(c.name, c.arguments) for c in result.calls] == [
         ("search_contacts", {"name": "Alice"}), ("get_weather", {"city": "Tokyo"})]
+
+
+@pytest.mark.model
+def test_a_warmed_thinker_evaluates_only_the_request_s_own_turn(models: LoadedModels) -> None:
+    thinker: Any = models.thinker
+    engine = thinker.engine
+    tools = _pipeline(models).tool_specs()
+    engine.rewind(0)  # as after start-up: nothing of the conversation evaluated yet
+    before = engine.prompt_tokens
+    thinker.warm(tools)
+    opening = engine.prompt_tokens - before
+    before = engine.prompt_tokens
+    result = _pipeline(models, router=False).handle(Command(id="w", query="Write a haiku about the sea"),
+                                                    time.monotonic())
+    assert result.status == "ok" and result.tier == 2
+    assert opening > 200  # system prompt and tool declarations
+    assert engine.prompt_tokens - before < 40  # the request's turn, not the opening again
 
 
 def test_which_requests_depend_on_an_earlier_result() -> None:

@@ -99,6 +99,14 @@ class Thinker:
                                     top_k=sampling.top_k, seed=self.seed, stop=tuple(stop), bias=ban,
                                     deadline=deadline)
 
+    def warm(self, tools: list[ToolSpec]) -> None:
+        """Evaluate the conversation's opening (system prompt, tool declarations) now: the first request then pays
+        only for its own turn. Measured with the demo's tools: its first tier-2 request took 4.2 s, ~3 s of it
+        this prefill."""
+        opening = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""}]
+        with self.engine.lock:
+            self.engine.sync(self.engine.tokenize(self._render(opening, tools, self.enable_thinking), bos=True))
+
     def answer(self, conversation: Conversation) -> TierAnswer:
         thinking = self.can_think and (conversation.enable_thinking if conversation.enable_thinking is not None
                                        else self.enable_thinking)
