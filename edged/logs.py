@@ -8,8 +8,13 @@ import sys
 import structlog
 
 
-class SafePrintLogger(structlog.PrintLogger):
-    """A PrintLogger whose failed writes are counted and dropped, never raised.
+class SafePrintLogger(structlog.WriteLogger):
+    """A logger that writes each line with its newline in one write, and whose failed writes are counted and
+    dropped, never raised.
+
+    One write: sys.stderr writes through, and print() (structlog's PrintLogger) writes the line and its newline
+    separately; a process killed between the two (SIGKILL, the watchdog's SIGABRT) left a line without its
+    newline, and the restarted daemon's first line was glued to it: both lost to a JSON log reader.
 
     With the log on a full disk (or a file over RLIMIT_FSIZE, or a closed pipe), print() raises OSError inside
     whatever called log.info(): a worker answering a command, or the `except` block handling an earlier error,
