@@ -9,7 +9,9 @@ worker when there is no backlog: a crash while a run is with the broker sends it
 before its commit runs its commands again (their replies were never sent).
 
 A crash anywhere before the ack means the broker redelivers it, and the answered store turns the redelivery
-into a republish (or nothing), never a second execution.
+into a republish (or nothing), never a second execution. A copy that arrives while the first is still being
+answered (redelivered after a reconnect while the first waited in the queue or in a run, or a client's retry)
+is held until the first copy's result is stored and with the broker, then answered the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class Work:
     command: Command | None
     error: DecodeError | None
     generation: int
+    key: str | None = None  # the answered store's key, once a worker has claimed the command
+
+
+PARKED = object()  # `_prepare`: another copy of this command is being answered; this one waits for it
 
 
 @dataclass
@@ -83,6 +89,9 @@ class Dispatcher:
         self._last_work = 0.0  # monotonic time a worker last finished a command
         self._trimmed_at = 0.0  # ... and the heap was last trimmed: trim again only after more work
         self._tool_s: dict[str, float] = {}  # tool name -> how long its last direct call took
+        # store key -> copies of that command that arrived while it was being answered (see the module doc)
+        self._in_flight: dict[str, list[Work]] = {}
+        self._in_flight_lock = threading.Lock()
         bus.workers = workers  # with the queue, this sets the Receive Maximum the bus asks of the broker
 
     # -- network thread -----------------------------------------------------------------------------------------
@@ -147,7 +156,7 @@ class Dispatcher:
             if run and not self._quick(work):
                 self._send(run)  # quick results never wait for a model or a slow tool
             started = time.monotonic()
-            out: Outgoing | None = None
+            out: Outgoing | object | None = None
             try:
                 out = self._prepare(work, name)
             except Exception:
@@ -157,9 +166,12 @@ class Dispatcher:
                 self.busy_until[name] = None
                 self._last_work = time.monotonic()
                 structlog.contextvars.clear_contextvars()
+            if out is PARKED:
+                continue  # answered (and counted done) once the copy being answered is settled
             if out is None:
                 self.queue.task_done()
                 continue
+            assert isinstance(out, Outgoing)
             run.append(out)
             if len(run) >= self.reply_window or time.monotonic() - started >= QUICK_S:
                 self._send(run)
@@ -173,8 +185,9 @@ class Dispatcher:
         call = work.command.call
         return call is not None and self._tool_s.get(call.name, QUICK_S) < QUICK_S
 
-    def _prepare(self, work: Work, worker: str) -> Outgoing | None:
-        """Execute a command (or find its stored result); None when nothing is left to publish."""
+    def _prepare(self, work: Work, worker: str) -> Outgoing | object | None:
+        """Execute a command (or find its stored result); None when nothing is left to publish, PARKED when
+        another copy of it is being answered (this one is answered after it, by `_release`)."""
         inbound = work.inbound
         topic, corr = self._address(work)
         if work.error is not None:
@@ -192,6 +205,9 @@ class Dispatcher:
         assert command is not None and topic is not None
         structlog.contextvars.bind_contextvars(request_id=command.id)
         key = self.store.key(topic, command.id)
+        if not self._claim(work, key):
+            log.info("duplicate_in_flight", dup=inbound.dup)
+            return PARKED
         prior = self.store.get(key)
         if prior is not None:
             # answered before: send the stored result again (to this message's Correlation Data), never re-run.
@@ -204,6 +220,7 @@ class Dispatcher:
                 # the connection between its PUBACK and our ack. Sending it again would answer it twice.
                 if work.generation == self.bus.connects:
                     self.bus.ack(inbound.mid, inbound.qos)
+                self._release(work)
                 return None
             return Outgoing(work, topic, corr, payload, key)
         self.busy_until[worker] = self.pipeline.deadline_for(command, inbound.received) + 5.0
@@ -212,6 +229,39 @@ class Dispatcher:
         if command.call is not None:
             self._tool_s[command.call.name] = time.monotonic() - started
         return Outgoing(work, topic, corr, result.to_json(), key, result)
+
+    def _claim(self, work: Work, key: str) -> bool:
+        """Take on answering this command; False (and `work` waits) when another copy of it is being answered."""
+        with self._in_flight_lock:
+            waiting = self._in_flight.get(key)
+            if waiting is not None:
+                waiting.append(work)
+                return False
+            self._in_flight[key] = []
+        work.key = key
+        return True
+
+    def _release(self, work: Work) -> None:
+        """This copy is settled (or failed): answer the copies that waited for it, now from the store."""
+        if work.key is None:
+            return
+        with self._in_flight_lock:
+            waiting = self._in_flight.pop(work.key, [])
+        work.key = None
+        if not waiting:
+            return
+        name = threading.current_thread().name
+        for copy in waiting:
+            out: Outgoing | object | None = None
+            try:
+                out = self._prepare(copy, name)
+            except Exception:
+                log.exception("worker_failed")
+                self._fail(copy)
+            if isinstance(out, Outgoing):
+                self._send([out])
+            elif out is not PARKED:
+                self.queue.task_done()
 
     def _send(self, run: list[Outgoing]) -> None:
         """Store the run's new results in one commit, publish them all, then acknowledge each command once the
@@ -263,6 +313,7 @@ class Dispatcher:
             self.metrics.record(result.status, result.tier, result.timings_ms.get("total", 0.0), code)
             log.info("answered", request_id=result.id, status=result.status, tier=result.tier, error=code,
                      ms=result.timings_ms.get("total"))
+        self._release(work)
 
     def _fail(self, work: Work) -> None:
         """After a bug: answer 'internal' if possible and acknowledge anyway. Left unacknowledged, the message would
@@ -279,6 +330,7 @@ class Dispatcher:
             log.exception("internal_error_reply_failed")
         finally:
             self.bus.ack(work.inbound.mid, work.inbound.qos)
+            self._release(work)
 
     # -- shutdown -----------------------------------------------------------------------------------------------
 

@@ -189,6 +189,27 @@ def test_repeated_command_is_answered_from_the_store(daemon, listen) -> None:
     assert fourth.payload == first.payload
 
 
+def test_repeat_while_the_first_copy_still_runs_waits_for_it(daemon_factory, listen) -> None:
+    """A copy that arrives while the first is still being answered (a client's retry, or the broker's
+    redelivery after a reconnect) is not run on the other worker: it gets the first copy's result."""
+    daemon = daemon_factory.make("dev1", EDGED_TOOLS__ENABLE_DEBUG_TOOLS="true")
+    replies = listen("rr/replies")
+    cmd = json.dumps({"id": "slow", "call": {"name": "debug_sleep", "arguments": {"seconds": 1}}})
+    replies.publish("edged/dev1/cmd", cmd, ResponseTopic="rr/replies", CorrelationData=b"first")
+    replies.publish("edged/dev1/cmd", cmd, ResponseTopic="rr/replies", CorrelationData=b"second")
+    first = replies.wait_for(lambda m: m.properties.CorrelationData == b"first")
+    second = replies.wait_for(lambda m: m.properties.CorrelationData == b"second")
+    assert json.loads(first.payload)["status"] == "ok"
+    assert second.payload == first.payload  # byte for byte, timings included: run once
+    assert daemon.wait_log("duplicate_in_flight")["request_id"] == "slow"
+    assert [e["request_id"] for e in daemon.logs() if e.get("event") == "answered"] == ["slow"]
+    # the device still serves, and the id is free again once answered
+    replies.publish("edged/dev1/cmd", json.dumps({"id": "after", "call": ADD}), ResponseTopic="rr/replies",
+                    CorrelationData=b"after")
+    after = replies.wait_for(lambda m: m.properties.CorrelationData == b"after")
+    assert json.loads(after.payload)["calls"][0]["result"] == {"sum": 42}
+
+
 def test_commands_sent_while_down_are_served_after_restart(daemon, listen) -> None:
     replies = listen("down/replies")
     assert daemon.stop() == 0

@@ -119,6 +119,28 @@ def test_broker_restart_mid_stream(daemon_factory, broker) -> None:
         results.close()
 
 
+def test_repeats_inside_a_burst_run_once(daemon_factory, broker) -> None:
+    """Every command sent twice, the copy a few commands behind the first: what a reconnect's redeliveries look
+    like in the queue. The copy often lands in the same run of quick commands as the first, or on the other
+    worker while the first runs; either way it gets the first copy's result, never a second execution."""
+    daemon_factory.make("dev1")
+    results = Collector(broker.port, "rel/replies", "collector-repeats")
+    try:
+        lines = command_lines("r", N)
+        repeated = [line for i in range(0, N, 4) for line in lines[i:i + 4] + lines[i:i + 4]]
+        ids = {json.loads(line)["id"] for line in lines}
+        send_lines(broker.port, "edged/dev1/cmd", "rel/replies", repeated)
+        results.wait_ids(ids, timeout=60)
+        time.sleep(1.0)
+        audit = Audit.of(ids, results.received)
+        print(f"\nrepeats: {json.dumps(audit.summary())}")
+        assert audit.lost == [] and audit.unexpected == []
+        assert audit.executed_twice == [], f"executed twice: {len(audit.executed_twice)}"
+        assert set(audit.statuses()) <= {"ok", "busy"}
+    finally:
+        results.close()
+
+
 def test_network_cut_then_restored(daemon_factory, broker) -> None:
     proxy = TcpProxy(broker.port)
     d = daemon_factory.make("dev1", EDGED_MQTT__PORT=str(proxy.port), EDGED_MQTT__KEEPALIVE_S="5",
