@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -93,6 +94,33 @@ def test_a_warmed_thinker_evaluates_only_the_request_s_own_turn(models: LoadedMo
     assert result.status == "ok" and result.tier == 2
     assert opening > 200  # system prompt and tool declarations
     assert engine.prompt_tokens - before < 40  # the request's turn, not the opening again
+
+
+@pytest.mark.model
+def test_the_warm_up_gives_way_to_a_request_in_progress(models: LoadedModels) -> None:
+    """The daemon warms the thinker while tier 1 serves: each step of the warm-up waits while the router's engine
+    is busy, and the steps evaluate the opening once, with nothing evaluated twice."""
+    thinker: Any = models.thinker
+    router_lock = models.router.engine.lock  # type: ignore[union-attr]
+    engine = thinker.engine
+    tools = _pipeline(models).tool_specs()
+    engine.rewind(0)
+    before, steps = engine.prompt_tokens, []
+
+    def give_way() -> None:
+        steps.append(engine.llm.n_tokens)
+        with router_lock:
+            pass
+
+    with router_lock:  # a route in progress
+        warming = threading.Thread(target=thinker.warm, args=(tools,), kwargs={"step": 32, "give_way": give_way})
+        warming.start()
+        time.sleep(0.5)
+        assert engine.llm.n_tokens == 0 and steps == [0]  # waiting for the route, nothing evaluated
+    warming.join(60)
+    opening = engine.llm.n_tokens
+    assert opening > 200 and engine.prompt_tokens - before == opening  # each token evaluated once
+    assert steps == list(range(0, opening, 32))  # one step of 32 tokens after each give-way
 
 
 def test_which_requests_depend_on_an_earlier_result() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ _GIVE_UP = re.compile(
     r"\b(i (?:can ?not|can't|am unable to|am not able to|don't know how to)|beyond (?:me|my)|"
     r"i'm (?:unable|not able))\b", re.IGNORECASE)
 STOPS = ["<|im_end|>", "<|endoftext|>"]
+WARM_STEP = 32  # tokens per model step of the warm-up: what a tier-1 request may wait for (~0.2 s on 2 cores)
 ANSWER_PRIMER = "Based on the results, "
 SYSTEM = (
     "You are the assistant of a smart device and can call tools. When the request needs a fact you do not have "
@@ -99,13 +101,19 @@ class Thinker:
                                     top_k=sampling.top_k, seed=self.seed, stop=tuple(stop), bias=ban,
                                     deadline=deadline)
 
-    def warm(self, tools: list[ToolSpec]) -> None:
+    def warm(self, tools: list[ToolSpec], step: int = WARM_STEP,
+             give_way: Callable[[], None] | None = None) -> None:
         """Evaluate the conversation's opening (system prompt, tool declarations) now: the first request then pays
         only for its own turn. Measured with the demo's tools: its first tier-2 request took 4.2 s, ~3 s of it
-        this prefill."""
+        this prefill. In steps of `step` tokens, calling `give_way` before each: the daemon warms in the background
+        while tier 1 serves, and a route waits for the step under way, not for the whole opening."""
         opening = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""}]
+        tokens = self.engine.tokenize(self._render(opening, tools, self.enable_thinking), bos=True)
         with self.engine.lock:
-            self.engine.sync(self.engine.tokenize(self._render(opening, tools, self.enable_thinking), bos=True))
+            for end in range(step, len(tokens) + step, step):
+                if give_way is not None:
+                    give_way()  # a request in progress elsewhere finishes first: it waits for one step at most
+                self.engine.sync(tokens[:end])
 
     def answer(self, conversation: Conversation) -> TierAnswer:
         thinking = self.can_think and (conversation.enable_thinking if conversation.enable_thinking is not None
