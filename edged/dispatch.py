@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -48,7 +49,13 @@ class Work:
     key: str | None = None  # the answered store's key, once a worker has claimed the command
 
 
-PARKED = object()  # `_prepare`: another copy of this command is being answered; this one waits for it
+class Parked(Enum):
+    """`_prepare`'s answer when another copy of the command is being answered: this one waits for it."""
+
+    PARKED = "parked"
+
+
+PARKED = Parked.PARKED
 
 
 @dataclass
@@ -156,7 +163,7 @@ class Dispatcher:
             if run and not self._quick(work):
                 self._send(run)  # quick results never wait for a model or a slow tool
             started = time.monotonic()
-            out: Outgoing | object | None = None
+            out: Outgoing | Parked | None = None
             try:
                 out = self._prepare(work, name)
             except Exception:
@@ -171,7 +178,6 @@ class Dispatcher:
             if out is None:
                 self.queue.task_done()
                 continue
-            assert isinstance(out, Outgoing)
             run.append(out)
             if len(run) >= self.reply_window or time.monotonic() - started >= QUICK_S:
                 self._send(run)
@@ -185,7 +191,7 @@ class Dispatcher:
         call = work.command.call
         return call is not None and self._tool_s.get(call.name, QUICK_S) < QUICK_S
 
-    def _prepare(self, work: Work, worker: str) -> Outgoing | object | None:
+    def _prepare(self, work: Work, worker: str) -> Outgoing | Parked | None:
         """Execute a command (or find its stored result); None when nothing is left to publish, PARKED when
         another copy of it is being answered (this one is answered after it, by `_release`)."""
         inbound = work.inbound
@@ -252,7 +258,7 @@ class Dispatcher:
             return
         name = threading.current_thread().name
         for copy in waiting:
-            out: Outgoing | object | None = None
+            out: Outgoing | Parked | None = None
             try:
                 out = self._prepare(copy, name)
             except Exception:

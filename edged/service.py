@@ -167,14 +167,13 @@ class Daemon:
         thinker, router = self.models.thinker, self.models.router
         warm = getattr(thinker, "warm", None)
         engine = getattr(thinker, "engine", None)
-        if warm is None or engine is None or engine is getattr(router, "engine", None):
-            return
-
         router_engine = getattr(router, "engine", None)
+        if warm is None or engine is None or engine is router_engine:
+            return
 
         def give_way() -> None:
             """Before each warm-up step, let a tier-1 request in progress finish: it then waits for one step of
-            the warm-up (32 tokens) at most, not one per model step of its own (routes took ~850 ms, not ~190)."""
+            the warm-up at most, not one per model step of its own (routes took ~850 ms, not ~190)."""
             if router_engine is not None:
                 with router_engine.lock:
                     pass
