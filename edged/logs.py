@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
 
 import structlog
@@ -33,7 +35,35 @@ class SafePrintLogger(structlog.WriteLogger):
     log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
 
 
+def start_on_a_fresh_line(stream: object) -> bool:
+    """Begin with a newline when the log file we append to ends in the middle of a line; True if one was written.
+
+    A line goes out in one write, but the kernel may still cut a write to a regular file short at a page boundary
+    when the process is SIGKILLed in it. The killed daemon's half line is lost either way; without this the restarted
+    daemon's first line (its start-up, its `mqtt_connected`) was glued to it and lost to a JSON reader as well.
+    Sockets (journald) and pipes start each process on its own stream, so only regular files are looked at.
+    """
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        # stderr is opened write-only (`>> file`); its own path, opened again, can be read
+        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            size = os.fstat(reader).st_size
+            if size == 0 or os.pread(reader, 1, size - 1) == b"\n":
+                return False
+        finally:
+            os.close(reader)
+        stream.write("\n")  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
+        return True
+    except (OSError, ValueError, AttributeError):  # no fd, no /proc, a closed stream: nothing to mend
+        return False
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    start_on_a_fresh_line(sys.stderr)
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
