@@ -163,12 +163,8 @@ class Dispatcher:
             if run and not self._quick(work):
                 self._send(run)  # quick results never wait for a model or a slow tool
             started = time.monotonic()
-            out: Outgoing | Parked | None = None
             try:
-                out = self._prepare(work, name)
-            except Exception:
-                log.exception("worker_failed")
-                self._fail(work)
+                out = self._prepare_or_fail(work, name)
             finally:
                 self.busy_until[name] = None
                 self._last_work = time.monotonic()
@@ -247,6 +243,15 @@ class Dispatcher:
         work.key = key
         return True
 
+    def _prepare_or_fail(self, work: Work, name: str) -> Outgoing | Parked | None:
+        """`_prepare`, with a failure answered (`_fail`) rather than raised: one bad command never stops a worker."""
+        try:
+            return self._prepare(work, name)
+        except Exception:
+            log.exception("worker_failed")
+            self._fail(work)
+            return None
+
     def _release(self, work: Work) -> None:
         """This copy is settled (or failed): answer the copies that waited for it, now from the store."""
         if work.key is None:
@@ -258,12 +263,7 @@ class Dispatcher:
             return
         name = threading.current_thread().name
         for copy in waiting:
-            out: Outgoing | Parked | None = None
-            try:
-                out = self._prepare(copy, name)
-            except Exception:
-                log.exception("worker_failed")
-                self._fail(copy)
+            out = self._prepare_or_fail(copy, name)
             if isinstance(out, Outgoing):
                 self._send([out])
             elif out is not PARKED:

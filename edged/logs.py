@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -35,7 +36,7 @@ class SafePrintLogger(structlog.WriteLogger):
     log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
 
 
-def start_on_a_fresh_line(stream: object) -> bool:
+def start_on_a_fresh_line(stream: TextIO) -> bool:
     """Begin with a newline when the log file we append to ends in the middle of a line; True if one was written.
 
     A line goes out in one write, but the kernel may still cut a write to a regular file short at a page boundary
@@ -44,19 +45,19 @@ def start_on_a_fresh_line(stream: object) -> bool:
     Sockets (journald) and pipes start each process on its own stream, so only regular files are looked at.
     """
     try:
-        fd = stream.fileno()  # type: ignore[attr-defined]
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fd = stream.fileno()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
             return False
         # stderr is opened write-only (`>> file`); its own path, opened again, can be read
         reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
         try:
-            size = os.fstat(reader).st_size
-            if size == 0 or os.pread(reader, 1, size - 1) == b"\n":
+            if os.pread(reader, 1, info.st_size - 1) == b"\n":
                 return False
         finally:
             os.close(reader)
-        stream.write("\n")  # type: ignore[attr-defined]
-        stream.flush()  # type: ignore[attr-defined]
+        stream.write("\n")
+        stream.flush()
         return True
     except (OSError, ValueError, AttributeError):  # no fd, no /proc, a closed stream: nothing to mend
         return False

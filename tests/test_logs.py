@@ -101,4 +101,4 @@ def test_only_a_regular_file_is_mended(tmp_path: Path) -> None:
     with os.fdopen(write_end, "w") as pipe:
         assert start_on_a_fresh_line(pipe) is False
     os.close(read_end)
-    assert start_on_a_fresh_line(Recorder()) is False
+    assert start_on_a_fresh_line(Recorder()) is False  # type: ignore[arg-type]
